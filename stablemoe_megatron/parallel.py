@@ -1,0 +1,143 @@
+"""Process-group set-up at the edge of a run: torch.distributed + megatron-core parallel_state.
+
+Library code never calls these: it receives process groups (a ``ProcessGroupCollection``) from
+the caller. Entry points (train, eval, tools) and the test helper call
+:func:`initialize_distributed` once, and :func:`destroy_parallel_state` when done.
+
+Expert tensor parallelism is fixed to 1: experts are never split over tensor-parallel ranks.
+Under TP the tensor-parallel ranks hold different sequence chunks (sequence parallelism is
+required for MoE with TP) and each routes its own chunk to whole experts; expert weights are
+replicated over the expert-data-parallel group, which then includes the TP ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from stablemoe_megatron.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Sizes of the parallel dimensions. Data parallel is whatever remains of the world."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor * self.pipeline)
+
+    def validate(self, world_size: int) -> None:
+        """Raise ConfigError (naming the flags) if this layout cannot tile ``world_size`` ranks."""
+        tp, pp, ep = self.tensor, self.pipeline, self.expert
+        for flag, size in (
+            ("--tensor-model-parallel-size", tp),
+            ("--pipeline-model-parallel-size", pp),
+            ("--expert-model-parallel-size", ep),
+        ):
+            if size < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {size}")
+        if world_size % (tp * pp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes"
+            )
+        # With expert TP = 1, the expert layout is EP x expert-DP x PP over the same world.
+        if world_size % (ep * pp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by --expert-model-parallel-size {ep} x "
+                f"--pipeline-model-parallel-size {pp}; launch a multiple of {ep * pp} processes"
+            )
+
+
+def quiet_megatron_warnings() -> None:
+    """Hide megatron-core's import-time notices about optional packages (TE, apex) and defaults.
+
+    They repeat once per rank and module and say nothing a user can act on; the README documents
+    the optional extras instead.
+    """
+    import warnings
+
+    for pattern in (
+        r".*(Transformer Engine|Apex).*not installed.*",
+        r".*full scope is deprecated.*",
+        r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize_distributed(
+    sizes: ParallelSizes = ParallelSizes(),
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initialise torch.distributed (from torchrun's environment by default) and parallel_state.
+
+    Applies :mod:`stablemoe_megatron.cpu_compat` when CUDA is absent. Safe to call when the
+    default process group already exists (it is reused).
+    """
+    from stablemoe_megatron import cpu_compat
+
+    quiet_megatron_warnings()
+    cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        torch.distributed.init_process_group(
+            backend=default_backend(),
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world_size = torch.distributed.get_world_size()
+    sizes.validate(world_size)
+    initialize_parallel_state(sizes, timeout_minutes=timeout_minutes)
+
+
+def initialize_parallel_state(sizes: ParallelSizes, timeout_minutes: int = 30) -> None:
+    """(Re)build megatron-core's parallel_state groups for ``sizes`` on the existing world."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tensor,
+        pipeline_model_parallel_size=sizes.pipeline,
+        expert_model_parallel_size=sizes.expert,
+        expert_tensor_parallel_size=1,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's tracked (tensor/expert/data-parallel) RNG streams."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy_parallel_state() -> None:
+    """Tear down parallel_state (the default process group is left to its owner)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
