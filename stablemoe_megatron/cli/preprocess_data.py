@@ -109,11 +109,12 @@ class DatasetWriter:
 
 
 def _indexed_dataset_module():
-    """Import megatron-core's indexed_dataset lazily (it imports torch), hiding its TE/apex warnings."""
+    """Import megatron-core's indexed_dataset lazily (it imports torch), hiding its TE/apex/jit warnings."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 
@@ -292,23 +293,27 @@ def print_summary(stats: RunStats, args) -> None:
             print(f"    {example}")
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler so the same cleanup as for Ctrl-C runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``stablemoe-preprocess-data``; exit code 2 with one message on user errors."""
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         stats = run(args)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"{PROG}: interrupted; temporary files removed, no dataset written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

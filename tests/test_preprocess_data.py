@@ -1,0 +1,240 @@
+"""stablemoe-preprocess-data: round trips through IndexedDataset, bad input, atomic output."""
+import glob
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from stablemoe_megatron.cli import preprocess_data, train_tokenizer
+from stablemoe_megatron.tokenizer import build_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(REPO, "data", "corpus")
+SP = "SentencePieceTokenizer"
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("sp") / "sp")
+    train_tokenizer.main(["--input", os.path.join(CORPUS, "valid.jsonl"), "--model-prefix", prefix,
+                          "--vocab-size", "800"])
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="module")
+def documents():
+    """Real documents with two keys, plus edge cases: unicode, an empty text (left out)."""
+    with open(os.path.join(CORPUS, "test.jsonl"), encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f][:12]
+    docs.append({"text": "Grüße aus 東京 ☃\n\n  indented", "title": "unicode"})
+    docs.append({"text": "", "title": "empty text"})
+    return docs
+
+
+def write_jsonl(path, docs, extra_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def read_dataset(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    assert list(ds.document_indices) == list(range(len(ds) + 1))  # one sequence per document
+    return ds, [ds[i].tolist() for i in range(len(ds))]
+
+
+def expected_ids(tokenizer, texts, append_eod):
+    out = []
+    for text in texts:
+        ids = tokenizer.tokenize(text)
+        if ids:
+            out.append(ids + [tokenizer.eod] if append_eod else ids)
+    return out
+
+
+def final_and_temp_files(out_dir):
+    return sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+
+
+@pytest.mark.parametrize("append_eod, workers, gz", [(False, 1, False), (True, 1, False), (False, 2, True),
+                                                     (True, 2, False)])
+def test_jsonl_two_keys_round_trip(tmp_path, sp_model, documents, append_eod, workers, gz, capsys):
+    src = write_jsonl(tmp_path / "docs.jsonl", documents)
+    if gz:
+        with open(src, "rb") as f, gzip.open(src + ".gz", "wb") as packed:
+            packed.write(f.read())
+        src += ".gz"
+    prefix = str(tmp_path / "out" / "ds")
+    argv = ["--input", src, "--json-keys", "text", "title", "--output-prefix", prefix,
+            "--tokenizer-type", SP, "--tokenizer-model", sp_model, "--workers", str(workers),
+            "--chunksize", "3", "--log-interval", "5"]
+    preprocess_data.main(argv + (["--append-eod"] if append_eod else []))
+    tok = build_tokenizer(SP, tokenizer_model=sp_model)
+    for key in ("text", "title"):
+        ds, got = read_dataset(f"{prefix}_{key}_document")
+        assert ds.index.dtype == np.uint16
+        assert got == expected_ids(tok, [d[key] for d in documents], append_eod)
+    summary = capsys.readouterr().out
+    total_tokens = sum(map(len, expected_ids(tok, [d["text"] for d in documents], append_eod)))
+    assert f"text: {len(documents) - 1} documents, {total_tokens} tokens, 1 empty" in summary
+    assert final_and_temp_files(tmp_path / "out") == sorted(
+        f"ds_{k}_document.{e}" for k in ("text", "title") for e in ("bin", "idx"))
+
+
+def test_plain_text_paragraphs_and_gzip_round_trip(tmp_path, sp_model):
+    paragraphs = ["First document,\nwith two lines.", "Second one.", "  Third, indented\n  and long " * 5]
+    plain = tmp_path / "a.txt"
+    plain.write_text("\n\n".join(paragraphs[:2]) + "\n\n\n")
+    packed = tmp_path / "b.txt.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as f:
+        f.write("\n" + paragraphs[2] + "\n")
+    prefix = str(tmp_path / "plain")
+    preprocess_data.main(["--input", str(plain), str(packed), "--output-prefix", prefix, "--workers", "2",
+                          "--tokenizer-type", SP, "--tokenizer-model", sp_model, "--append-eod"])
+    tok = build_tokenizer(SP, tokenizer_model=sp_model)
+    _, got = read_dataset(prefix + "_text_document")
+    assert got == expected_ids(tok, paragraphs, append_eod=True)
+    assert tok.detokenize(got[0][:-1]) == paragraphs[0]
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("this is not json", "not valid JSON"),
+    ('{"body": "no text key"}', "no key 'text'"),
+    ('{"text": ["a", "list"]}', "expected a string"),
+    ('["an", "array"]', "expected a JSON object"),
+])
+def test_bad_line_stops_with_file_and_line(tmp_path, sp_model, documents, capsys, bad_line, problem):
+    good = [d for d in documents if d["text"]][:4]
+    src = write_jsonl(tmp_path / "in.jsonl", good[:2] + [{"text": "x"}], [bad_line] + [json.dumps(d) for d in good])
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        preprocess_data.main(["--input", src, "--output-prefix", str(out_dir / "ds"),
+                              "--tokenizer-type", SP, "--tokenizer-model", sp_model])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{src}:4: " in err and problem in err and "--skip-bad-lines" in err
+    assert final_and_temp_files(out_dir) == []
+
+
+def test_skip_bad_lines_counts_and_reports(tmp_path, sp_model, documents, capsys):
+    good = [d for d in documents if d["text"]][:5]
+    src = write_jsonl(tmp_path / "in.jsonl", good, ["{broken", '{"text": 7}'])
+    prefix = str(tmp_path / "ds")
+    preprocess_data.main(["--input", src, "--output-prefix", prefix, "--skip-bad-lines",
+                          "--tokenizer-type", SP, "--tokenizer-model", sp_model, "--workers", "2"])
+    out = capsys.readouterr().out
+    assert "skipped 2 bad records" in out
+    assert f"{src}:6" in out and f"{src}:7" in out
+    tok = build_tokenizer(SP, tokenizer_model=sp_model)
+    assert read_dataset(prefix + "_text_document")[1] == expected_ids(tok, [d["text"] for d in good], False)
+
+
+def test_bad_line_in_a_subprocess_exits_2_without_traceback(tmp_path, sp_model):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}], ['{"text": null}'])
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", src,
+         "--output-prefix", str(tmp_path / "out" / "ds"), "--tokenizer-type", SP, "--tokenizer-model", sp_model],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [f"stablemoe-preprocess-data: error: {src}:2: value of 'text' is NoneType, expected a "
+                      "string; fix or remove that line, or pass --skip-bad-lines"]
+    assert final_and_temp_files(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("argv_change, flag", [
+    ({"--tokenizer-model": "/nonexistent.model"}, "--tokenizer-model"),
+    ({"--input": "/nonexistent.jsonl"}, "--input"),
+    ({"--workers": "0"}, "--workers"),
+])
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, sp_model, capsys, argv_change, flag):
+    args = {"--input": write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}]), "--output-prefix": str(tmp_path / "ds"),
+            "--tokenizer-type": SP, "--tokenizer-model": sp_model, "--workers": "1"}
+    args.update(argv_change)
+    with pytest.raises(SystemExit) as exc:
+        preprocess_data.main([item for pair in args.items() for item in pair])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_failure_mid_run_leaves_no_final_files_and_no_temporaries(tmp_path, sp_model, documents, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", documents)
+    real_encode = preprocess_data.encode_record
+    calls = []
+
+    def failing_encode(record):
+        calls.append(record)
+        if len(calls) == 6:
+            raise RuntimeError("injected failure")
+        return real_encode(record)
+
+    monkeypatch.setattr(preprocess_data, "encode_record", failing_encode)
+    out_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        preprocess_data.main(["--input", src, "--output-prefix", str(out_dir / "ds"),
+                              "--tokenizer-type", SP, "--tokenizer-model", sp_model])
+    assert len(calls) == 6  # five documents were written before the failure
+    assert final_and_temp_files(out_dir) == []
+
+
+def test_failure_while_renaming_removes_what_was_placed(tmp_path, sp_model, documents, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", documents)
+    real_replace = os.replace
+    renamed = []
+
+    def replace_failing_on_idx(a, b):
+        if str(b).endswith(".idx"):
+            raise OSError("injected: disk full")
+        renamed.append(b)
+        real_replace(a, b)
+
+    monkeypatch.setattr(preprocess_data.os, "replace", replace_failing_on_idx)
+    out_dir = tmp_path / "out"
+    with pytest.raises(OSError, match="injected"):
+        preprocess_data.main(["--input", src, "--output-prefix", str(out_dir / "ds"), "--json-keys", "text", "title",
+                              "--tokenizer-type", SP, "--tokenizer-model", sp_model])
+    assert len(renamed) == 2  # both .bin files had reached their final names before the failure
+    assert final_and_temp_files(out_dir) == []
+
+
+def test_killed_run_leaves_no_dataset_under_final_names(tmp_path, sp_model):
+    with open(os.path.join(CORPUS, "train.jsonl"), "rb") as f:
+        corpus = f.read()
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(corpus * 3)
+    prefix = tmp_path / "out" / "ds"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(big),
+         "--output-prefix", str(prefix), "--tokenizer-type", SP, "--tokenizer-model", sp_model, "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        partial = []
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            partial = glob.glob(f"{prefix}_text_document.bin.partial-*")
+            if partial and os.path.getsize(partial[0]) > 100_000:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool workers
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert partial, "no partial output appeared before the kill"
+    assert not os.path.exists(f"{prefix}_text_document.bin")
+    assert not os.path.exists(f"{prefix}_text_document.idx")
