@@ -1,0 +1,100 @@
+"""StableMoE stage-1 routing (Dai et al., ACL 2022, SPEC section 2), as pure torch functions.
+
+    s_{t,i} = E_i . h_t                       centroid_scores
+    a_t     = argmax_i s_{t,i}                greedy_assignment
+    g_t     = sigmoid(s_{t,a_t})              sigmoid_gate
+    L_bal   = sum_i ((n_i - nbar) / nbar) * sum_{t in A_i} sigmoid(s_{t,i})  / num_tokens
+
+The balance loss is returned UNWEIGHTED (the caller multiplies by alpha, 0.3 in the paper) and as
+a PER-TOKEN MEAN: the paper's equation 8 sums over the T tokens of a batch, and fairseq (where the
+paper's code lives) divides summed losses by the number of tokens before backward, like the task
+loss. ``n_i`` and ``num_tokens`` come from the counting set (see :mod:`.common`); ``nbar =
+num_tokens / N``. Both are constants: gradient flows only through ``sigmoid(s_{t,a_t})``, so an
+overloaded expert (n_i > nbar) has its scores pushed down and an idle one has them pushed up.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import compute_dtype, counting_set
+from .common import tokens_per_expert  # re-exported; shadowed by balance_loss's argument
+from .types import register_routing
+
+register_routing(
+    "stablemoe",
+    learned=True,
+    token_choice=True,
+    uses_token_ids=False,
+    gate="sigmoid",
+    description="StableMoE: greedy top-1 over centroid scores, sigmoid gate, balance loss, "
+    "distilled into a token-id router that is frozen for stage 2",
+)
+
+
+def centroid_scores(hidden: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Token-expert affinities ``s = h @ E^T``.
+
+    Args:
+        hidden: ``[T, d]`` hidden states entering the MoE layer.
+        centroids: ``[N, d]`` expert centroids E.
+    Returns:
+        ``[T, N]`` scores, in float32 when the inputs are half/bfloat16 (float64 stays float64),
+        because argmax decisions and sigmoid gates are sensitive to low-precision rounding.
+        Differentiable w.r.t. both inputs.
+    """
+    dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(centroids))
+    return hidden.to(dtype) @ centroids.to(dtype).t()
+
+
+def greedy_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """Top-1 expert per token: LongTensor ``[T]`` = ``argmax_i scores[t, i]`` (ties: lowest index)."""
+    return scores.detach().argmax(dim=-1)
+
+
+def sigmoid_gate(scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Gate ``g_t = sigmoid(scores[t, expert_ids[t]])``: ``[T]``, differentiable w.r.t. ``scores``.
+
+    The chosen score carries the task gradient back into the centroids and the hidden states,
+    which is how the routing learns (the argmax itself has no gradient).
+    """
+    chosen = scores.gather(1, expert_ids.reshape(-1, 1)).squeeze(1)
+    return torch.sigmoid(chosen)
+
+
+def balance_loss(
+    scores: torch.Tensor,
+    expert_ids: torch.Tensor,
+    tokens_per_expert: torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """StableMoE balance loss (paper eq. 8), unweighted, per-token mean over the counting set.
+
+    Args:
+        scores: ``[T, N]`` centroid scores of the local tokens.
+        expert_ids: LongTensor ``[T]``, the assignment a_t of the local tokens.
+        tokens_per_expert: ``[N]`` counts n_i over the counting set (e.g. all-reduced over the
+            sequence-parallel group); None: counted from ``expert_ids``.
+        num_tokens: counting-set size; None: ``tokens_per_expert.sum()`` when counts are given,
+            else T.
+    Returns:
+        0-d tensor ``sum_t ((n_{a_t} - nbar) / nbar) * sigmoid(s_{t,a_t}) / num_tokens`` with
+        ``nbar = num_tokens / N`` (float32, float64 for float64 scores). The sum runs over the
+        local tokens only, so a caller holding part of the counting set sums the partial losses
+        over ranks to get the full loss.
+    """
+    num_experts = scores.shape[-1]
+    dtype = compute_dtype(scores)
+    counts, total = counting_set(expert_ids, num_experts, tokens_per_expert, num_tokens, dtype)
+    mean_load = total / num_experts
+    overload = (counts - mean_load) / mean_load  # [N], constant
+    gates = sigmoid_gate(scores.to(dtype), expert_ids)  # [T], carries the gradient
+    return (overload[expert_ids.reshape(-1)] * gates).sum() / total
+
+
+__all__ = [
+    "centroid_scores",
+    "greedy_assignment",
+    "sigmoid_gate",
+    "balance_loss",
+    "tokens_per_expert",
+]
