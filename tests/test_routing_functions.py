@@ -12,29 +12,11 @@ import torch
 
 from stablemoe_megatron import routing
 from stablemoe_megatron.routing import (
-    balance_loss,
-    capacity_keep_mask,
-    centroid_scores,
-    distillation_agreement,
-    distillation_loss,
-    distilled_assignment,
-    expert_capacity,
-    expert_capacity_per_expert,
-    expert_choice_assignment,
-    frequency_balanced_hash_table,
-    get_routing,
-    greedy_assignment,
-    hash_assignment,
-    kth_largest_probs,
-    random_hash_table,
-    router_probs,
-    routing_names,
-    sigmoid_gate,
-    switch_aux_loss,
-    threshold_assignment,
-    tokens_per_expert,
-    top1,
-    z_loss,
+    balance_loss, capacity_keep_mask, centroid_scores, distillation_agreement, distillation_loss,
+    distilled_assignment, expert_capacity, expert_capacity_per_expert, expert_choice_assignment,
+    frequency_balanced_hash_table, get_routing, greedy_assignment, hash_assignment,
+    kth_largest_probs, random_hash_table, router_probs, routing_names, sigmoid_gate,
+    switch_aux_loss, threshold_assignment, tokens_per_expert, top1, z_loss,
 )
 
 SIZES = [(1, 1), (7, 3), (16, 4), (33, 5), (64, 8)]  # (T, N), several with N not dividing T

@@ -151,7 +151,8 @@ def balanced_assignment(
     final_epsilon = 1e-6 * score_range / num_tokens if epsilon is None else float(epsilon)
     if not final_epsilon > 0:
         raise ValueError(f"balanced_assignment: epsilon must be > 0, got {epsilon}")
-    rounds_left = 100 * num_tokens + 10_000 if max_rounds is None else int(max_rounds)
+    round_cap = 100 * num_tokens + 10_000 if max_rounds is None else int(max_rounds)
+    rounds_left = round_cap
 
     prices = torch.where(usable, 0.0, torch.inf).to(device=device, dtype=torch.float64)
     phase_epsilon = max(score_range / EPSILON_SCALE_FACTOR, final_epsilon)
@@ -159,8 +160,7 @@ def balanced_assignment(
         assignment, used = _auction_phase(values, capacities, prices, phase_epsilon, rounds_left)
         if assignment is None:
             raise RuntimeError(
-                f"balanced_assignment: auction did not finish within max_rounds="
-                f"{max_rounds if max_rounds is not None else 100 * num_tokens + 10_000} rounds "
+                f"balanced_assignment: auction did not finish within max_rounds={round_cap} rounds "
                 f"(T={num_tokens}, N={num_experts}, epsilon={phase_epsilon:g}); scores may be "
                 "degenerate or epsilon too small for their range"
             )

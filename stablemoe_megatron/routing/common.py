@@ -62,10 +62,17 @@ def counting_set(
 def as_token_count(
     num_tokens: int | torch.Tensor | None, device: torch.device, dtype: torch.dtype, default: int = 0
 ) -> torch.Tensor:
-    """``num_tokens`` (int, tensor, or None -> ``default``) as a detached 0-d tensor, clamped to >= 1."""
+    """``num_tokens`` (int, tensor, or None -> ``default``) as a detached 0-d tensor, clamped to >= 1.
+
+    A Python number is created directly on ``device`` (a fill, no host-to-device copy, which
+    would synchronise the stream); a tensor is moved only if it lives elsewhere.
+    """
     if num_tokens is None:
         num_tokens = default
-    total = torch.as_tensor(num_tokens).detach().to(device=device, dtype=dtype)
+    if isinstance(num_tokens, torch.Tensor):
+        total = num_tokens.detach().to(device=device, dtype=dtype).reshape(())
+    else:
+        total = torch.full((), float(num_tokens), device=device, dtype=dtype)
     return total.clamp_min(1)
 
 
