@@ -62,12 +62,18 @@ def quiet_megatron_warnings() -> None:
     """
     import warnings
 
+    import logging
+
     for pattern in (
         r".*(Transformer Engine|Apex).*not installed.*",
         r".*full scope is deprecated.*",
         r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+        r".*moe_ffn_hidden_size is not set.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
+    # Our MoE layer is not in megatron's list of known MLP classes; it builds its own groups.
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda record: "Unknown MLP type" not in record.getMessage())
 
 
 def default_backend() -> str:

@@ -104,7 +104,7 @@ class _Pool:
         self.results = ctx.Queue()
         self.job_queues = [ctx.Queue() for _ in range(world_size)]
         port = _free_port()
-        threads = max(1, (os.cpu_count() or 1) // world_size)
+        threads = 1  # identical float reduction order in every pool: comparisons across world sizes
         self.procs = [
             ctx.Process(
                 target=_worker_main,

@@ -1,0 +1,1 @@
+"""GPT model with StableMoE layers on megatron-core (imports megatron-core)."""

@@ -1,0 +1,114 @@
+"""The GPT model: megatron-core's GPTModel that hands token ids to its MoE layers.
+
+:func:`transformer_config` turns our config dataclasses into megatron's ``TransformerConfig``
+(CPU-safe flags when CUDA is absent), :func:`build_model` builds this rank's pipeline stage.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from stablemoe_megatron.model.config import ModelConfig
+from stablemoe_megatron.model.specs import HAVE_TE, decoder_block_spec
+from stablemoe_megatron.moe.config import MoEConfig
+from stablemoe_megatron.moe.layer import StableMoELayer
+
+
+def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: int = 1,
+                       pipeline_parallel: int = 1, expert_parallel: int = 1,
+                       sequence_parallel: bool = False, bf16: bool = False) -> TransformerConfig:
+    """megatron TransformerConfig for this model and layout.
+
+    Bias-free linear layers (megatron's MoE expert path requires ``add_bias_linear=False``).
+    Without CUDA: CPU initialisation, no fused kernels, and non-batched p2p (batched p2p gives
+    wrong pipeline gradients under gloo; see ../shared/MEGATRON_CPU.md).
+    """
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs = dict(
+        num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_size,
+        num_attention_heads=model.num_attention_heads, hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout, init_method_std=model.init_method_std,
+        normalization=model.normalization, add_bias_linear=False,
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel, expert_tensor_parallel_size=1,
+        sequence_parallel=sequence_parallel, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        batch_p2p_comm=cuda, use_cpu_initialization=not cuda,
+        gradient_accumulation_fusion=HAVE_TE, bias_activation_fusion=False, bias_dropout_fusion=cuda,
+        masked_softmax_fusion=HAVE_TE, persist_layer_norm=False, apply_rope_fusion=HAVE_TE,
+    )
+    if moe.enabled:
+        kwargs.update(num_moe_experts=moe.num_experts, moe_router_topk=1, moe_router_pre_softmax=True,
+                      moe_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size,
+                      hetereogenous_dist_checkpoint=True)
+    return TransformerConfig(**kwargs)
+
+
+class StableMoEGPTModel(GPTModel):
+    """GPTModel whose forward also takes the token ids (and their CPU copy) for the MoE routers.
+
+    ``token_ids`` default to ``input_ids``; pass ``input_ids`` on every pipeline stage (megatron
+    only embeds them on the first). ``host_token_ids`` (the batch before it was moved to the GPU)
+    lets token-id routing (hash, frozen StableMoE) count tokens per expert without a device sync.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.moe_layers: List[StableMoELayer] = [m for m in self.modules() if isinstance(m, StableMoELayer)]
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, token_ids=None,
+                host_token_ids=None, **kwargs):
+        ids = input_ids if token_ids is None else token_ids
+        for layer in self.moe_layers:
+            layer.set_token_ids(ids, host_token_ids)
+        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+
+    # -- stages and metrics (the trainer drives these) ------------------------------------------
+    def distilled_routers(self):
+        return [layer.router for layer in self.moe_layers if getattr(layer.router, "distilled", None) is not None]
+
+    def enter_stage_two(self) -> None:
+        """Freeze every distilled router (idempotent)."""
+        for router in self.distilled_routers():
+            if not router.frozen:
+                router.freeze_distilled()
+
+    @property
+    def moe_stage(self) -> int:
+        routers = self.distilled_routers()
+        return 2 if routers and all(r.frozen for r in routers) else 1
+
+    def moe_metrics(self, reset: bool = True) -> Dict[int, Dict[str, torch.Tensor]]:
+        """{global layer number: metric snapshot} for this stage's MoE layers."""
+        out = {}
+        for layer in self.moe_layers:
+            out[layer.layer_number] = layer.metrics.snapshot()
+            if reset:
+                layer.metrics.reset()
+        return out
+
+    def finalize_moe_step(self, dp_group=None) -> None:
+        """Per-optimizer-step router bookkeeping (Expert Choice thresholds)."""
+        for layer in self.moe_layers:
+            finalize = getattr(layer.router, "finalize_step", None)
+            if finalize is not None:
+                finalize(dp_group)
+
+
+def build_model(model: ModelConfig, moe: MoEConfig, vocab_size: int, config: TransformerConfig,
+                host_ep_group=None, vp_stage: Optional[int] = None) -> StableMoEGPTModel:
+    """This rank's pipeline stage of the GPT model (``vocab_size`` already padded)."""
+    spec = decoder_block_spec(config, moe, vocab_size, use_te=HAVE_TE, host_ep_group=host_ep_group,
+                              vp_stage=vp_stage)
+    return StableMoEGPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+        max_sequence_length=model.max_positions,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+    )

@@ -1,0 +1,141 @@
+"""MoE settings: one typed dataclass, part of the run's config tree (``RunConfig.moe``).
+
+Flag names (generated from the field names by :mod:`stablemoe_megatron.config`) follow
+Megatron-LM's ``--moe-*`` convention where Megatron has the same knob.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from stablemoe_megatron.errors import ConfigError
+
+ROUTERS = ("stablemoe", "switch", "base", "hash", "expert-choice")
+LAYER_POSITIONS = ("middle", "bottom", "top", "scattered")
+DISTILL_ROUTERS = ("wordemb", "cnn", "transformer")
+# Routers whose top-1 choice can be distilled into a token-id router and frozen (paper Table 5).
+DISTILLABLE_ROUTERS = ("stablemoe", "switch", "base")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layer settings. ``num_experts=None`` means a dense model."""
+
+    num_experts: Optional[int] = field(default=None, metadata={"help": "number of experts; absent = dense model"})
+    router: str = field(default="stablemoe", metadata={"help": "routing algorithm", "choices": ROUTERS})
+    # --- where the MoE layers go -------------------------------------------------------------
+    layer_positions: str = field(default="middle", metadata={
+        "help": "paper layout: one MoE block of stacked sublayers after block L/2 (middle), before "
+                "block 1 (bottom), after block L (top), or its sublayers scattered after blocks "
+                "L/(K+1)*j (scattered)", "choices": LAYER_POSITIONS})
+    layer_freq: Optional[int] = field(default=None, metadata={
+        "help": "Megatron layout: the MLP of every k-th transformer layer is an MoE layer of "
+                "single-FFN experts; when set, the paper layout is not used"})
+    sublayers_per_expert: int = field(default=3, metadata={
+        "help": "paper layout: each expert is a stack of K pre-LayerNorm FFN sublayers"})
+    expert_ffn_hidden_size: Optional[int] = field(default=None, metadata={
+        "help": "FFN inner size of each expert sublayer (default: --ffn-hidden-size)"})
+    # --- losses ------------------------------------------------------------------------------
+    balance_loss_coeff: float = field(default=0.3, metadata={"help": "StableMoE balance loss alpha"})
+    distill_loss_coeff: float = field(default=1.0, metadata={"help": "distillation loss weight (stage 1)"})
+    aux_loss_coeff: float = field(default=0.01, metadata={"help": "Switch load-balancing loss weight"})
+    z_loss_coeff: float = field(default=0.0, metadata={"help": "router z-loss weight (switch, expert-choice)"})
+    # --- distil-and-freeze -------------------------------------------------------------------
+    distill_router: Optional[str] = field(default=None, metadata={
+        "help": "token-id router distilled in stage 1 and frozen in stage 2 (default: wordemb for "
+                "stablemoe, none for the others)", "choices": DISTILL_ROUTERS})
+    distill_dim: int = field(default=50, metadata={"help": "distilled router feature size"})
+    stage2_start_iter: Optional[int] = field(default=None, metadata={
+        "help": "iteration at which the distilled router is frozen and routes (stage 2); absent = "
+                "never", "aliases": ("--two-stage-updates",)})
+    # --- capacity ----------------------------------------------------------------------------
+    expert_capacity_factor: Optional[float] = field(default=None, metadata={
+        "help": "token-choice routers: drop tokens beyond ceil(T*c/N) per expert (dropped tokens "
+                "keep their residual only); expert-choice: c in k=T*c/N (default 2.0)"})
+    # --- router-specific ---------------------------------------------------------------------
+    hash_table: str = field(default="random", metadata={
+        "help": "hash router table: random (seeded, balanced over ids) or frequency (balanced "
+                "by token frequency of the training data)", "choices": ("random", "frequency")})
+    hash_seed: int = field(default=0, metadata={"help": "seed of the hash router table"})
+    expert_choice_threshold_momentum: float = field(default=0.99, metadata={
+        "help": "expert-choice: momentum of the per-expert score thresholds used for causal "
+                "routing at evaluation"})
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def megatron_layout(self) -> bool:
+        return self.layer_freq is not None
+
+    @property
+    def effective_distill_router(self) -> Optional[str]:
+        if self.distill_router is not None:
+            return self.distill_router
+        return "wordemb" if self.router == "stablemoe" else None
+
+    def validate(self, num_layers: int, train_iters: Optional[int] = None) -> None:
+        """Raise ConfigError naming the flag for any inconsistent setting."""
+        if not self.enabled:
+            return
+        if self.num_experts < 1:
+            raise ConfigError(f"--num-experts must be >= 1, got {self.num_experts}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"--moe-router {self.router!r} is not one of {', '.join(ROUTERS)}")
+        if self.layer_positions not in LAYER_POSITIONS:
+            raise ConfigError(f"--moe-layer-positions must be one of {', '.join(LAYER_POSITIONS)}")
+        if self.layer_freq is not None and not 1 <= self.layer_freq <= num_layers:
+            raise ConfigError(f"--moe-layer-freq must be in 1..--num-layers ({num_layers}), got {self.layer_freq}")
+        if self.sublayers_per_expert < 1:
+            raise ConfigError("--moe-sublayers-per-expert must be >= 1")
+        if (not self.megatron_layout and self.layer_positions == "scattered"
+                and self.sublayers_per_expert + 1 > num_layers):
+            raise ConfigError("--moe-layer-positions scattered needs --num-layers > --moe-sublayers-per-expert "
+                              "(one sublayer after each of blocks L/(K+1), 2L/(K+1), ...)")
+        distill = self.effective_distill_router
+        if distill is not None and distill not in DISTILL_ROUTERS:
+            raise ConfigError(f"--moe-distill-router must be one of {', '.join(DISTILL_ROUTERS)}")
+        if distill is not None and self.router not in DISTILLABLE_ROUTERS:
+            raise ConfigError(
+                f"--moe-distill-router works with the top-1 learned routers ({', '.join(DISTILLABLE_ROUTERS)}); "
+                f"--moe-router {self.router} has nothing to distil: drop --moe-distill-router")
+        if self.stage2_start_iter is not None:
+            if distill is None:
+                raise ConfigError("--moe-stage2-start-iter needs a distilled router: add --moe-distill-router wordemb")
+            if self.stage2_start_iter < 0:
+                raise ConfigError("--moe-stage2-start-iter must be >= 0")
+            if train_iters is not None and self.stage2_start_iter > train_iters:
+                raise ConfigError(
+                    f"--moe-stage2-start-iter {self.stage2_start_iter} is beyond --train-iters {train_iters}: "
+                    f"lower it, or omit it to train in stage 1 only")
+        if self.expert_capacity_factor is not None and self.expert_capacity_factor <= 0:
+            raise ConfigError("--moe-expert-capacity-factor must be > 0")
+        if self.distill_dim < 1:
+            raise ConfigError("--moe-distill-dim must be >= 1")
+
+    def moe_placement(self, num_layers: int) -> dict:
+        """{1-based transformer layer number: where} for every MoE layer.
+
+        ``where`` is ``"mlp"`` (Megatron layout: the layer's MLP is the MoE layer), ``"after"`` or
+        ``"before"`` (paper layout: an MoE block runs after / before that transformer block).
+        """
+        if not self.enabled:
+            return {}
+        if self.megatron_layout:
+            return {n: "mlp" for n in range(1, num_layers + 1) if n % self.layer_freq == 0}
+        if self.layer_positions == "middle":
+            return {max(1, num_layers // 2): "after"}
+        if self.layer_positions == "bottom":
+            return {1: "before"}
+        if self.layer_positions == "top":
+            return {num_layers: "after"}
+        k = self.sublayers_per_expert
+        return {(num_layers * j) // (k + 1): "after" for j in range(1, k + 1)}
+
+    def sublayers_per_moe_layer(self) -> int:
+        """Expert stack depth of each MoE layer: K in the paper layout (1 if scattered), else 1."""
+        if self.megatron_layout or self.layer_positions == "scattered":
+            return 1
+        return self.sublayers_per_expert

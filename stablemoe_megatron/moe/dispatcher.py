@@ -1,0 +1,155 @@
+"""Token dispatcher: send (token, expert) pairs to the ranks that hold the experts, and back.
+
+The routers produce *pairs* rather than a dense routing map: ``token_index[A]`` and
+``expert_index[A]`` (global expert ids) with ``gates[A]``. Top-1 routing gives one pair per token
+(fewer when tokens are dropped by capacity), Expert Choice gives k pairs per expert (a token may
+appear 0..N times). One mechanism serves all of them:
+
+1. sort the pairs by expert (stable) and gather the hidden states: ``[A, h]``;
+2. expert parallelism: experts are sharded contiguously over the EP ranks (rank r holds experts
+   ``r*L .. r*L+L-1``), so the sorted pairs are already grouped by destination rank; one
+   all-to-all (megatron-core's differentiable ``all_to_all``) exchanges them, and the received
+   rows, ordered (source rank, local expert), are regrouped to (local expert, source rank) so
+   each local expert's tokens are contiguous;
+3. the experts run on ``tokens_per_local_expert`` (a CPU tensor, as megatron's expert MLPs need);
+4. ``combine`` inverts 2, multiplies by the gates and sums into the token rows (``index_add``),
+   so a token routed nowhere (dropped, or unpicked by Expert Choice) gets zeros: its residual only.
+
+Device-to-host synchronisation: the split sizes of the all-to-all and the per-expert counts must be
+host integers. With learned routing they are computed on the device and copied once per layer
+call (one sync). When the caller already knows the counts on the host (``host_tokens_per_expert``:
+StableMoE stage 2 and hash routing, whose expert is a function of the token id and is computed from
+the CPU copy of the batch), there is no device-to-host copy at all; under EP the ranks exchange their
+host counts over a CPU (gloo) group instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DispatchState:
+    """What ``combine`` needs to undo ``dispatch``."""
+
+    sorted_token_index: torch.Tensor  # [A] token row of each pair, pairs sorted by expert
+    order: torch.Tensor  # [A] pair permutation applied by the sort
+    num_tokens: int
+    tokens_per_local_expert: torch.Tensor  # [L] CPU long
+    input_splits: Optional[List[int]] = None  # EP: rows sent to each rank
+    output_splits: Optional[List[int]] = None  # EP: rows received from each rank
+    regroup: Optional[torch.Tensor] = None  # [R] received (src, expert) order -> (expert, src)
+    ungroup: Optional[torch.Tensor] = None  # inverse of regroup
+
+
+def device_to_host_copies() -> int:
+    """Number of device-to-host copies the dispatchers made in this process (for benchmarks)."""
+    return _D2H_COPIES[0]
+
+
+_D2H_COPIES = [0]
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        _D2H_COPIES[0] += 1
+    return tensor.cpu()
+
+
+def _regroup_indices(recv_counts: np.ndarray):
+    """Row permutations between (source rank, local expert) order and (local expert, source rank).
+
+    ``recv_counts[s, e]`` rows for local expert e arrive from source rank s, source-major.
+    """
+    ep, local = recv_counts.shape
+    offsets = np.concatenate([[0], np.cumsum(recv_counts.reshape(-1))])[:-1].reshape(ep, local)
+    regroup = np.concatenate(
+        [np.arange(offsets[s, e], offsets[s, e] + recv_counts[s, e]) for e in range(local) for s in range(ep)]
+        or [np.zeros(0, dtype=np.int64)]
+    ).astype(np.int64)
+    ungroup = np.empty_like(regroup)
+    ungroup[regroup] = np.arange(regroup.size, dtype=np.int64)
+    return torch.from_numpy(regroup), torch.from_numpy(ungroup)
+
+
+class AllToAllDispatcher:
+    """Expert-parallel all-to-all dispatcher for routing pairs (works under gloo and NCCL).
+
+    Args:
+        num_experts: N, global.
+        ep_group: the expert-parallel process group (``None`` or size 1: no communication).
+        host_ep_group: a CPU-capable (gloo) group over the same ranks, used to exchange host
+            counts without a device sync; defaults to ``ep_group`` when that is a gloo group.
+    """
+
+    def __init__(self, num_experts: int, ep_group=None, host_ep_group=None):
+        self.num_experts = num_experts
+        self.ep_group = ep_group
+        self.ep_size = ep_group.size() if ep_group is not None else 1
+        self.ep_rank = ep_group.rank() if ep_group is not None else 0
+        if num_experts % self.ep_size:
+            raise ValueError(f"{num_experts} experts cannot be sharded over {self.ep_size} EP ranks")
+        self.num_local_experts = num_experts // self.ep_size
+        self.host_ep_group = host_ep_group
+
+    # ------------------------------------------------------------------------------------------
+    def dispatch(self, hidden: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
+                 host_tokens_per_expert: Optional[torch.Tensor] = None):
+        """Return (expert_input [R, h] grouped by local expert, DispatchState).
+
+        hidden: [T, h]; token_index, expert_index: [A] long (same device as hidden);
+        host_tokens_per_expert: optional [N] CPU long, equal to bincount(expert_index).
+        """
+        order = torch.argsort(expert_index, stable=True)
+        sorted_token_index = token_index.index_select(0, order)
+        permuted = hidden.index_select(0, sorted_token_index)
+        if host_tokens_per_expert is not None:
+            counts = host_tokens_per_expert.to(torch.long)
+        else:
+            counts = _to_host(torch.bincount(expert_index, minlength=self.num_experts))
+        state = DispatchState(sorted_token_index, order, hidden.shape[0], counts)
+        if self.ep_size == 1:
+            return permuted, state
+        return self._exchange(permuted, counts, state, host_counts=host_tokens_per_expert is not None)
+
+    def _exchange(self, permuted, counts, state, host_counts: bool):
+        from megatron.core.tensor_parallel import all_to_all
+
+        all_counts = self._all_gather_counts(counts, host_counts)  # [ep, N] CPU
+        local = self.num_local_experts
+        state.input_splits = counts.view(self.ep_size, local).sum(1).tolist()
+        mine = slice(self.ep_rank * local, (self.ep_rank + 1) * local)
+        recv_counts = all_counts[:, mine]  # [ep (source), L]
+        state.output_splits = recv_counts.sum(1).tolist()
+        state.tokens_per_local_expert = recv_counts.sum(0)
+        regroup, ungroup = _regroup_indices(recv_counts.numpy())
+        state.regroup = regroup.to(permuted.device, non_blocking=True)
+        state.ungroup = ungroup.to(permuted.device, non_blocking=True)
+        received = all_to_all(self.ep_group, permuted, state.output_splits, state.input_splits)
+        return received.index_select(0, state.regroup), state
+
+    def _all_gather_counts(self, counts: torch.Tensor, host_counts: bool) -> torch.Tensor:
+        """[ep, N] per-rank counts on the host; over the gloo group when the counts are on the host."""
+        group = self.host_ep_group if host_counts and self.host_ep_group is not None else self.ep_group
+        device = torch.device("cpu") if group is self.host_ep_group or not torch.cuda.is_available() \
+            else torch.device("cuda", torch.cuda.current_device())
+        local = counts.to(device)
+        gathered = [torch.empty_like(local) for _ in range(self.ep_size)]
+        torch.distributed.all_gather(gathered, local, group=group)
+        stacked = torch.stack(gathered)
+        return stacked if stacked.device.type == "cpu" else _to_host(stacked)
+
+    # ------------------------------------------------------------------------------------------
+    def combine(self, expert_output: torch.Tensor, state: DispatchState, gates: torch.Tensor) -> torch.Tensor:
+        """Undo ``dispatch`` and return [T, h] = sum over each token's pairs of gate * expert output."""
+        if self.ep_size > 1:
+            from megatron.core.tensor_parallel import all_to_all
+
+            source_major = expert_output.index_select(0, state.ungroup)
+            expert_output = all_to_all(self.ep_group, source_major, state.input_splits, state.output_splits)
+        weighted = expert_output * gates.index_select(0, state.order).to(expert_output.dtype).unsqueeze(-1)
+        out = expert_output.new_zeros(state.num_tokens, expert_output.shape[-1])
+        return out.index_add(0, state.sorted_token_index, weighted)

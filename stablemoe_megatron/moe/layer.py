@@ -1,0 +1,126 @@
+"""The MoE layer: our router and dispatcher around megatron-core's expert MLPs.
+
+Used in both layouts (see :mod:`stablemoe_megatron.moe.specs`): as the MLP of a transformer layer
+(Megatron layout, returns ``(g * FFN(x), None)`` for the layer's bias-dropout-add) or inside an
+:class:`~stablemoe_megatron.moe.block.MoEBlock` (paper layout, K-deep expert stacks).
+
+Token ids: megatron's transformer layers pass only hidden states to the MLP, so the model hands
+the micro-batch's token ids ``[B, S]`` to every MoE layer before each forward
+(:meth:`StableMoELayer.set_token_ids`, done by :class:`stablemoe_megatron.model.StableMoEGPTModel`
+on every pipeline stage). The layer takes the rows matching its hidden states ``[S_local, B, h]``
+(its sequence-parallel shard) itself. The ids are read during the forward only, so this is safe
+with pipelining; full activation recomputation of MoE layers (which re-runs the forward during
+backward, possibly after the next micro-batch has set new ids) is refused by the trainer.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+from stablemoe_megatron.moe.config import MoEConfig
+from stablemoe_megatron.moe.dispatcher import AllToAllDispatcher
+from stablemoe_megatron.moe.experts import ExpertStack
+from stablemoe_megatron.moe.routers import RouterInputs, RoutingDecision
+
+SCALAR_METRICS = ("balance_loss", "aux_loss", "z_loss", "distill_loss", "distill_agreement",
+                  "dropped_fraction", "mean_gate")
+
+
+class MoELayerMetrics:
+    """Per-step sums of one layer's routing statistics, kept on the device (no syncs).
+
+    ``tokens_per_expert`` counts this rank's routed pairs; scalar metrics are averaged over the
+    layer's calls (micro-batches) by :meth:`snapshot`. The trainer reduces them over ranks.
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def add(self, decision: RoutingDecision) -> None:
+        counts = torch.bincount(decision.expert_index, minlength=self.num_experts)
+        self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
+        for name, value in decision.metrics.items():
+            value = value.detach().float()
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
+        self.calls += 1
+
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        out = {name: value / max(self.calls, 1) for name, value in self.sums.items()}
+        if self.tokens_per_expert is not None:
+            out["tokens_per_expert"] = self.tokens_per_expert
+        return out
+
+
+class StableMoELayer(BaseMoELayer):
+    """Route, dispatch, run expert stacks, combine. Returns the MoE output (no residual).
+
+    Args (beyond megatron's): moe (MoEConfig), vocab_size (for token-id routers),
+    num_sublayers (K), pre_norm (paper-layout sublayers with per-expert LayerNorm + residual),
+    host_ep_group (gloo group over the EP ranks for host-side count exchange; optional).
+    """
+
+    def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
+                 pg_collection=None, *, moe: MoEConfig, vocab_size: int, num_sublayers: int = 1,
+                 pre_norm: bool = False, host_ep_group=None):
+        pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
+        super().__init__(config=config, layer_number=layer_number, pg_collection=pg_collection)
+        self.moe = moe
+        self.router = submodules.router(config=config, pg_collection=pg_collection)
+        self.experts = ExpertStack(config, submodules.experts, self.num_local_experts, num_sublayers,
+                                   pre_norm, pg_collection)
+        self.dispatcher = AllToAllDispatcher(moe.num_experts, self.ep_group, host_ep_group)
+        self.metrics = MoELayerMetrics(moe.num_experts)
+        self.tp_rank = self.attn_tp_group.rank() if self.attn_tp_group is not None else 0
+        self._token_ids: Optional[torch.Tensor] = None
+        self._host_token_ids: Optional[torch.Tensor] = None
+        self.last_decision: Optional[RoutingDecision] = None
+        self.keep_last_decision = False
+
+    def set_token_ids(self, token_ids: torch.Tensor, host_token_ids: Optional[torch.Tensor] = None) -> None:
+        """Token ids [B, S] of the next forward (device), and optionally their CPU copy."""
+        self._token_ids = token_ids
+        self._host_token_ids = host_token_ids
+
+    def router_inputs(self, hidden_states: torch.Tensor) -> RouterInputs:
+        """RouterInputs for hidden_states [S_local, B, h] from the ids set by the model."""
+        if self._token_ids is None:
+            raise RuntimeError("StableMoELayer: token ids were not set; build the model with "
+                               "stablemoe_megatron.model.StableMoEGPTModel, which hands them down")
+        seq_local = hidden_states.shape[0]
+        positions = slice(self.tp_rank * seq_local, (self.tp_rank + 1) * seq_local) \
+            if self.config.sequence_parallel else slice(0, seq_local)
+        local_ids = self._token_ids.t()[positions].reshape(-1)
+        host_ids = None
+        if self._host_token_ids is not None:
+            host_ids = self._host_token_ids.t()[positions].reshape(-1)
+        return RouterInputs(hidden_states.reshape(-1, hidden_states.shape[-1]), local_ids,
+                            self._token_ids, positions, host_ids)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None):
+        """hidden_states [S_local, B, h] -> (MoE output [S_local, B, h], None)."""
+        inputs = self.router_inputs(hidden_states)
+        decision = self.router(inputs)
+        expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index,
+                                                       decision.expert_index, decision.host_tokens_per_expert)
+        expert_output = self.experts(expert_input, state.tokens_per_local_expert)
+        output = self.dispatcher.combine(expert_output, state, decision.gates)
+        if self.training and decision.aux_loss.requires_grad:
+            output = MoEAuxLossAutoScaler.apply(output, decision.aux_loss)
+        self.metrics.add(decision)
+        if self.keep_last_decision:
+            self.last_decision = decision
+        return output.view(hidden_states.shape), None
+
+    @property
+    def stage(self) -> int:
+        return getattr(self.router, "stage", 1)

@@ -1,0 +1,425 @@
+"""Megatron adapters around the pure routing functions of :mod:`stablemoe_megatron.routing`.
+
+A router holds the routing parameters (centroids ``E`` / a gate projection ``W``, the distilled
+token-id router ``D, E^``), calls the pure functions, and does the communication they must not do:
+under sequence parallelism a data-parallel rank's micro-batch is split over the tensor-parallel
+ranks, so counts are summed over the TP group (and BASE / Expert Choice solve on the gathered
+scores). ``forward`` returns a :class:`RoutingDecision` of (token, expert, gate) pairs.
+
+Counting set (SPEC 2): |A_i|, n_bar = T/N and the T that normalises the per-token losses are
+counted over the micro-batch of one data-parallel rank: all tokens of that micro-batch, summed over
+its TP/SP shards, but not over other data-parallel or expert-parallel ranks (each computes its
+own). That is the paper's per-GPU batch, and it needs no communication beyond the TP group.
+
+Distil-and-freeze (SPEC 2-3) composes with the learned top-1 routers (stablemoe, switch, base):
+in stage 1 the distilled router learns to predict the router's top-1 choice (cross-entropy against
+the detached choice); :meth:`TokenChoiceRouter.freeze_distilled` ends stage 1: from then on the
+distilled router decides the expert from the token ids alone, its parameters are frozen (no grad,
+excluded from the optimizer by the trainer), and the gate still comes from the backbone score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from stablemoe_megatron import routing
+from stablemoe_megatron.moe.config import MoEConfig
+
+
+@dataclass
+class RoutingDecision:
+    """Routing of the T local tokens of one MoE layer call.
+
+    token_index, expert_index, gates: [A] pairs (A = T for top-1 without dropping).
+    aux_loss: scalar, coefficient-weighted sum of the losses this router adds to the total loss.
+    host_tokens_per_expert: [N] CPU counts when known without a device sync, else None.
+    metrics: detached scalars for logging (loss values, agreement, mean gate ...).
+    top1_expert_ids: [T] the router's own top-1 choice (stage-1 teacher), or None.
+    """
+
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    gates: torch.Tensor
+    aux_loss: torch.Tensor
+    host_tokens_per_expert: Optional[torch.Tensor] = None
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    top1_expert_ids: Optional[torch.Tensor] = None
+
+
+@dataclass
+class RouterInputs:
+    """What a router sees for one call (shapes for T local tokens, sequence-major as the hidden).
+
+    hidden: [T, d]; token_ids: [T] device; host_token_ids: [T] CPU or None;
+    full_token_ids: [B, S] device (the whole sequences, for context-dependent distilled routers);
+    local_positions: slice of the sequence dimension held by this rank (sequence parallelism).
+    """
+
+    hidden: torch.Tensor
+    token_ids: torch.Tensor
+    full_token_ids: torch.Tensor
+    local_positions: slice
+    host_token_ids: Optional[torch.Tensor] = None
+
+
+class RouterBase(MegatronModule):
+    """Shared plumbing: TP-group counting, parameters replicated over TP with SP-reduced grads."""
+
+    def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
+        super().__init__(config=config)
+        self.moe = moe
+        self.num_experts = moe.num_experts
+        self.vocab_size = vocab_size
+        self.tp_group = pg_collection.tp
+        self.tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        self.layer_number = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def _mark_replicated(self, module_or_param) -> None:
+        """Replicated over TP but fed different tokens under SP: megatron all-reduces the grads."""
+        params = [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) \
+            else list(module_or_param.parameters())
+        for param in params:
+            param.sequence_parallel = self.config.sequence_parallel
+
+    def _sequence_split(self) -> bool:
+        return self.config.sequence_parallel and self.tp_size > 1
+
+    def _counting_size(self, num_local_tokens: int) -> int:
+        """T of the counting set: the DP rank's micro-batch, all of its SP shards."""
+        return num_local_tokens * (self.tp_size if self._sequence_split() else 1)
+
+    def _counting(self, expert_ids: torch.Tensor):
+        """(tokens_per_expert [N], T) over the DP rank's micro-batch (summed over TP under SP)."""
+        counts = routing.tokens_per_expert(expert_ids, self.num_experts)
+        if self._sequence_split():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts, group=self.tp_group)
+        return counts, self._counting_size(expert_ids.shape[0])
+
+    def _gather_over_sequence(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All TP shards of a [T_local, ...] tensor, in sequence order (no autograd)."""
+        if not self._sequence_split():
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=self.tp_group)
+        return torch.cat(parts)
+
+    def _local_rows(self, num_local: int) -> slice:
+        rank = self.tp_group.rank() if self._sequence_split() else 0
+        return slice(rank * num_local, (rank + 1) * num_local)
+
+    def _new_weight(self, rows: int, cols: int) -> torch.nn.Parameter:
+        weight = torch.empty(rows, cols, dtype=torch.float32)
+        self.config.init_method(weight)
+        param = torch.nn.Parameter(weight)
+        self._mark_replicated(param)
+        return param
+
+
+def _mean_gate(gates: torch.Tensor) -> torch.Tensor:
+    return gates.detach().float().mean() if gates.numel() else gates.new_zeros(())
+
+
+class TokenChoiceRouter(RouterBase):
+    """Top-1 learned routing with optional distil-and-freeze and capacity dropping.
+
+    Subclasses define ``scores`` (the backbone routing scores [T, N]), ``assign`` (stage-1
+    assignment and its losses) and ``gate`` (gate of a given expert from the backbone scores).
+    """
+
+    def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
+        super().__init__(config, moe, vocab_size, pg_collection)
+        self.weight = self._new_weight(self.num_experts, config.hidden_size)
+        kind = moe.effective_distill_router
+        self.distilled = None
+        if kind is not None:
+            from stablemoe_megatron.routing.distilled import build_distilled_router
+
+            self.distilled = build_distilled_router(kind, vocab_size, self.num_experts, moe.distill_dim)
+            self._mark_replicated(self.distilled)
+        self.frozen = False
+        self._host_table: Optional[torch.Tensor] = None
+        self.register_buffer("expert_table", None, persistent=False)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def assign(self, scores: torch.Tensor):
+        """Stage-1 routing: (expert_ids [T], gates [T], aux_loss scalar, metrics)."""
+        raise NotImplementedError
+
+    def gate(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- distilled router ----------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        return 2 if self.frozen else 1
+
+    def freeze_distilled(self) -> None:
+        """End stage 1: the distilled router routes from now on; its parameters never change again."""
+        if self.distilled is None:
+            raise RuntimeError("freeze_distilled: this router has no distilled router")
+        self.frozen = True
+        for param in self.distilled.parameters():
+            param.requires_grad_(False)
+            param.grad = None
+        if self.distilled.context_free:
+            with torch.no_grad():
+                self.expert_table = self.distilled.expert_table()
+            self._host_table = self.expert_table.cpu()
+
+    def distilled_scores(self, inputs: RouterInputs) -> torch.Tensor:
+        """[T, N] distilled scores of the local tokens (context routers see whole sequences)."""
+        if self.distilled.context_free:
+            return self.distilled.scores(inputs.token_ids.unsqueeze(0)).squeeze(0)
+        full = self.distilled.scores(inputs.full_token_ids)  # [B, S, N]
+        local = full.transpose(0, 1)[inputs.local_positions]  # [S_local, B, N], sequence-major
+        return local.reshape(-1, self.num_experts)
+
+    def distilled_expert_ids(self, inputs: RouterInputs):
+        """Stage-2 experts [T] and, when computable without a device sync, host counts [N]."""
+        if self.expert_table is None:
+            with torch.no_grad():
+                return routing.distilled_assignment(self.distilled_scores(inputs)), None
+        expert_ids = self.expert_table[inputs.token_ids]
+        host_counts = None
+        if inputs.host_token_ids is not None:
+            host_counts = torch.bincount(self._host_table[inputs.host_token_ids], minlength=self.num_experts)
+        return expert_ids, host_counts
+
+    def backbone_expert_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's greedy choice (the routing probe records it next to the distilled one)."""
+        return routing.greedy_assignment(self.scores(hidden))
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, inputs: RouterInputs) -> RoutingDecision:
+        scores = self.scores(inputs.hidden)
+        num_tokens = scores.shape[0]
+        host_counts, teacher = None, None
+        if self.frozen:
+            expert_ids, host_counts = self.distilled_expert_ids(inputs)
+            gates = self.gate(scores, expert_ids)
+            aux_loss, metrics = scores.new_zeros(()), {}
+        else:
+            expert_ids, gates, aux_loss, metrics = self.assign(scores)
+            teacher = expert_ids
+            if self.distilled is not None:
+                aux_loss = aux_loss + self._distill(inputs, expert_ids, metrics)
+        token_index = torch.arange(num_tokens, device=scores.device)
+        if self.moe.expert_capacity_factor is not None and self.training:
+            keep = self._capacity_keep(expert_ids, gates)
+            token_index, expert_ids, gates = token_index[keep], expert_ids[keep], gates[keep]
+            host_counts = None
+            metrics["dropped_fraction"] = 1.0 - keep.float().mean()
+        metrics["mean_gate"] = _mean_gate(gates)
+        return RoutingDecision(token_index, expert_ids, gates, aux_loss, host_counts, metrics, teacher)
+
+    def _distill(self, inputs: RouterInputs, teacher_ids: torch.Tensor, metrics) -> torch.Tensor:
+        student = self.distilled_scores(inputs)
+        num_tokens = self._counting_size(teacher_ids.shape[0])
+        loss = routing.distillation_loss(student, teacher_ids.detach(), num_tokens)
+        weighted = self.moe.distill_loss_coeff * loss
+        metrics["distill_loss"] = weighted.detach()
+        metrics["distill_agreement"] = routing.distillation_agreement(student, teacher_ids)
+        return weighted if self.training else weighted.detach()
+
+    def _capacity_keep(self, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
+
+        capacity = expert_capacity_per_expert(expert_ids.shape[0], self.num_experts,
+                                              self.moe.expert_capacity_factor)
+        return capacity_keep_mask(expert_ids, gates.detach(), self.num_experts, capacity)
+
+
+class StableMoERouter(TokenChoiceRouter):
+    """SPEC 2: s = E h, greedy argmax, sigmoid gate, balance loss (alpha = balance_loss_coeff)."""
+
+    def scores(self, hidden):
+        return routing.centroid_scores(hidden, self.weight)
+
+    def gate(self, scores, expert_ids):
+        return routing.sigmoid_gate(scores, expert_ids)
+
+    def assign(self, scores):
+        expert_ids = routing.greedy_assignment(scores)
+        gates = self.gate(scores, expert_ids)
+        counts, num_tokens = self._counting(expert_ids)
+        loss = self.moe.balance_loss_coeff * routing.balance_loss(scores, expert_ids, counts, num_tokens)
+        return expert_ids, gates, (loss if self.training else loss.detach()), {"balance_loss": loss.detach()}
+
+
+class SwitchRouter(TokenChoiceRouter):
+    """Switch Transformer: top-1 of softmax(W h), gate = its probability, aux loss N sum f_i P_i."""
+
+    def scores(self, hidden):
+        return hidden.float() @ self.weight.t()  # logits
+
+    def gate(self, logits, expert_ids):
+        probs = routing.router_probs(logits)
+        return probs.gather(1, expert_ids.unsqueeze(1)).squeeze(1)
+
+    def assign(self, logits):
+        probs = routing.router_probs(logits)
+        expert_ids, gates = routing.top1(probs)
+        counts, num_tokens = self._counting(expert_ids)
+        aux = self.moe.aux_loss_coeff * routing.switch_aux_loss(probs, expert_ids, counts, num_tokens)
+        metrics = {"aux_loss": aux.detach()}
+        if self.moe.z_loss_coeff:
+            z = self.moe.z_loss_coeff * routing.z_loss(logits, num_tokens)
+            metrics["z_loss"] = z.detach()
+            aux = aux + z
+        return expert_ids, gates, (aux if self.training else aux.detach()), metrics
+
+
+class BaseLayerRouter(TokenChoiceRouter):
+    """BASE layer: exact balanced assignment (auction) in training, greedy at inference, sigmoid gate.
+
+    Under sequence parallelism the assignment is solved on the scores of the whole micro-batch
+    (gathered over the TP group, identical on every TP rank) and each rank keeps its rows.
+    """
+
+    def scores(self, hidden):
+        return routing.centroid_scores(hidden, self.weight)
+
+    def gate(self, scores, expert_ids):
+        return routing.sigmoid_gate(scores, expert_ids)
+
+    def assign(self, scores):
+        if not self.training:
+            expert_ids = routing.greedy_assignment(scores)
+        else:
+            with torch.no_grad():
+                full = self._gather_over_sequence(scores.detach())
+                expert_ids = routing.balanced_assignment(full)[self._local_rows(scores.shape[0])]
+        return expert_ids, self.gate(scores, expert_ids), scores.new_zeros(()), {}
+
+
+class HashRouter(RouterBase):
+    """Hash layer: a fixed token-id -> expert table, gate 1, no routing parameters.
+
+    The table is a persistent buffer (checkpointed): the seeded random table, or the
+    frequency-balanced one that the trainer builds from the training data's token counts and
+    installs with :meth:`set_table` before training.
+    """
+
+    def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
+        super().__init__(config, moe, vocab_size, pg_collection)
+        table = routing.random_hash_table(vocab_size, self.num_experts, moe.hash_seed)
+        self.register_buffer("table", table)
+        self._host_table = table.clone()
+
+    def set_table(self, table: torch.Tensor) -> None:
+        if table.shape != self.table.shape:
+            raise ValueError(f"hash table must have shape {tuple(self.table.shape)}, got {tuple(table.shape)}")
+        self.table.copy_(table)
+        self._host_table = table.cpu().clone()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_table = self.table.cpu().clone()
+
+    def forward(self, inputs: RouterInputs) -> RoutingDecision:
+        expert_ids = self.table[inputs.token_ids]
+        host_counts = None
+        if inputs.host_token_ids is not None:
+            host_counts = torch.bincount(self._host_table[inputs.host_token_ids], minlength=self.num_experts)
+        gates = torch.ones(expert_ids.shape[0], device=expert_ids.device)
+        token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
+        zero = inputs.hidden.new_zeros((), dtype=torch.float32)
+        return RoutingDecision(token_index, expert_ids, gates, zero, host_counts, {"mean_gate": _mean_gate(gates)})
+
+
+class ExpertChoiceRouter(RouterBase):
+    """Expert Choice (Zhou et al. 2022): each expert takes its top-k tokens, k = T*c/N, gate S[t,i].
+
+    Training looks at the whole micro-batch (a token's routing depends on later tokens: a
+    look-ahead in a causal LM). Evaluation uses causal threshold routing: token t goes to every
+    expert whose probability for t reaches that expert's threshold, an exponential moving average
+    (``expert_choice_threshold_momentum``) of the k-th largest probability seen in training.
+    The per-step k-th values are averaged over the data-parallel group by
+    :meth:`finalize_step` (called by the trainer after each optimizer step), so the thresholds
+    (a persistent, checkpointed buffer) are identical on every rank.
+    """
+
+    def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
+        super().__init__(config, moe, vocab_size, pg_collection)
+        self.weight = self._new_weight(self.num_experts, config.hidden_size)
+        self.capacity_factor = moe.expert_capacity_factor or 2.0
+        self.register_buffer("thresholds", torch.zeros(self.num_experts))
+        self.register_buffer("thresholds_initialized", torch.zeros((), dtype=torch.bool))
+        self._kth_sum = None
+        self._kth_count = 0
+
+    def scores(self, hidden):
+        return hidden.float() @ self.weight.t()
+
+    def forward(self, inputs: RouterInputs) -> RoutingDecision:
+        logits = self.scores(inputs.hidden)
+        probs = routing.router_probs(logits)
+        num_local = probs.shape[0]
+        aux, metrics = logits.new_zeros(()), {}
+        if self.training:
+            full = self._gather_over_sequence(probs.detach())
+            k = routing.expert_capacity(full.shape[0], self.num_experts, self.capacity_factor)
+            token_index, expert_index, _ = routing.expert_choice_assignment(full, k)
+            rows = self._local_rows(num_local)
+            local = (token_index >= rows.start) & (token_index < rows.stop)
+            token_index, expert_index = token_index[local] - rows.start, expert_index[local]
+            self._accumulate_kth(routing.kth_largest_probs(full, k))
+            if self.moe.z_loss_coeff:
+                aux = self.moe.z_loss_coeff * routing.z_loss(logits, self._counting_size(num_local))
+                metrics["z_loss"] = aux.detach()
+        else:
+            token_index, expert_index, _ = routing.threshold_assignment(probs, self.thresholds)
+        gates = probs[token_index, expert_index]
+        routed = torch.zeros(num_local, dtype=torch.bool, device=probs.device)
+        routed[token_index] = True
+        metrics["dropped_fraction"] = 1.0 - routed.float().mean()
+        metrics["mean_gate"] = _mean_gate(gates)
+        return RoutingDecision(token_index, expert_index, gates, aux, None, metrics)
+
+    def _accumulate_kth(self, kth: torch.Tensor) -> None:
+        self._kth_sum = kth if self._kth_sum is None else self._kth_sum + kth
+        self._kth_count += 1
+
+    @torch.no_grad()
+    def finalize_step(self, dp_group=None) -> None:
+        """Fold this step's k-th largest probabilities (averaged over DP) into the thresholds."""
+        if self._kth_sum is None:
+            return
+        mean_kth = self._kth_sum / self._kth_count
+        if dp_group is not None and dp_group.size() > 1:
+            torch.distributed.all_reduce(mean_kth, group=dp_group)
+            mean_kth /= dp_group.size()
+        momentum = self.moe.expert_choice_threshold_momentum
+        if bool(self.thresholds_initialized):
+            self.thresholds.mul_(momentum).add_(mean_kth.to(self.thresholds.dtype), alpha=1 - momentum)
+        else:
+            self.thresholds.copy_(mean_kth)
+            self.thresholds_initialized.fill_(True)
+        self._kth_sum, self._kth_count = None, 0
+
+
+ROUTER_CLASSES = {
+    "stablemoe": StableMoERouter,
+    "switch": SwitchRouter,
+    "base": BaseLayerRouter,
+    "hash": HashRouter,
+    "expert-choice": ExpertChoiceRouter,
+}
+
+
+def router_class(name: str):
+    """The router adapter for ``--moe-router name`` (also accepts ``expert_choice``)."""
+    key = name.replace("_", "-")
+    if key not in ROUTER_CLASSES:
+        raise KeyError(f"unknown --moe-router {name!r}; choices: {', '.join(ROUTER_CLASSES)}")
+    return ROUTER_CLASSES[key]
