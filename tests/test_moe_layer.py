@@ -1,0 +1,207 @@
+"""MoE layer behaviour inside the GPT model: aux losses of every layer, metrics, host-side routing
+without device syncs, capacity dropping, Expert Choice causality at evaluation, and the stage switch.
+
+Every check recomputes the expected value independently (plain torch formulas from SPEC sections
+2-4 on the hidden states captured at the router's input), never from the layer's own outputs.
+Functions run by ``run_distributed`` are module-level so the worker processes can import them.
+"""
+import math
+
+import pytest
+import torch
+
+from moe_cases import BATCH, EXPERTS, SEQ, VOCAB, batch, positions
+from stablemoe_megatron.testing import global_tensors, load_global_tensors, run_distributed
+
+HIDDEN = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (run inside the workers)
+# ----------------------------------------------------------------------------------------------
+def build(router="stablemoe", layout="paper", positions="middle", distill=None, capacity=None,
+          num_layers=4, sublayers=2, **moe_overrides):
+    """moe_cases.build with extra MoEConfig fields (loss coefficients ...)."""
+    from megatron.core import parallel_state as ps
+
+    from stablemoe_megatron.model.config import ModelConfig
+    from stablemoe_megatron.model.gpt import build_model, transformer_config
+    from stablemoe_megatron.moe.config import MoEConfig
+
+    model_cfg = ModelConfig(num_layers=num_layers, hidden_size=HIDDEN, num_attention_heads=4,
+                            seq_length=SEQ, untie_embeddings_and_output_weights=True)
+    moe = MoEConfig(num_experts=EXPERTS, router=router, layer_positions=positions,
+                    layer_freq=2 if layout == "megatron" else None, sublayers_per_expert=sublayers,
+                    distill_router=distill, expert_capacity_factor=capacity, **moe_overrides)
+    tp = ps.get_tensor_model_parallel_world_size()
+    config = transformer_config(
+        model_cfg, moe, tensor_parallel=tp, pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
+        expert_parallel=ps.get_expert_model_parallel_world_size(), sequence_parallel=tp > 1)
+    return build_model(model_cfg, moe, VOCAB, config)
+
+
+def capture_router_calls(model):
+    """Record (RouterInputs, RoutingDecision) of every router call, per MoE layer."""
+    calls = {layer.layer_number: [] for layer in model.moe_layers}
+    for layer in model.moe_layers:
+        layer.router.register_forward_hook(
+            lambda module, args, out, n=layer.layer_number: calls[n].append((args[0], out)))
+    return calls
+
+
+def reset_aux_scale(value=None):
+    """megatron's aux-loss backward scale is process-global state (the pipeline schedule sets it
+    to 1/num_microbatches); the worker processes are reused, so reset it (None = default 1.0)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    if value is None:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    else:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(float(value))
+
+
+def seq_major(ids):
+    """[B, S] -> [S*B]: the row order of the MoE layer's flattened [S, B, h] hidden states."""
+    return ids.t().reshape(-1)
+
+
+# Independent formulas (SPEC sections 2 and 4), written out with plain torch ops.
+def manual_switch_losses(hidden, weight, aux_coeff, z_coeff):
+    logits = hidden.float() @ weight.t()
+    probs = torch.softmax(logits, dim=-1)
+    experts = probs.detach().argmax(-1)
+    num_tokens = hidden.shape[0]
+    fraction = torch.stack([(experts == i).float().sum() for i in range(EXPERTS)]) / num_tokens
+    mean_prob = probs.sum(0) / num_tokens
+    aux = aux_coeff * EXPERTS * (fraction * mean_prob).sum()
+    z = z_coeff * (torch.logsumexp(logits, dim=-1) ** 2).sum() / num_tokens
+    gates = probs.gather(1, experts[:, None]).squeeze(1)
+    return {"aux_loss": aux, "z_loss": z}, experts, gates
+
+
+def manual_stablemoe_losses(hidden, weight, distilled, token_ids, alpha, distill_coeff):
+    scores = hidden.float() @ weight.t()
+    experts = scores.detach().argmax(-1)
+    num_tokens = hidden.shape[0]
+    counts = torch.bincount(experts, minlength=EXPERTS).float()
+    mean_load = num_tokens / EXPERTS
+    gates = torch.sigmoid(scores.gather(1, experts[:, None]).squeeze(1))
+    balance = alpha * (((counts[experts] - mean_load) / mean_load) * gates).sum() / num_tokens
+    student = distilled.embedding.weight[token_ids] @ distilled.centroids.t()
+    log_probs = torch.log_softmax(student, dim=-1)
+    distill = -distill_coeff * log_probs.gather(1, experts[:, None]).sum() / num_tokens
+    return {"balance_loss": balance, "distill_loss": distill}, experts, gates
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. every MoE layer's auxiliary loss reaches the total loss; per-layer metrics
+# ----------------------------------------------------------------------------------------------
+AUX_CASES = {
+    "switch": dict(router="switch", layout="megatron", aux_loss_coeff=0.3, z_loss_coeff=0.01),
+    "stablemoe": dict(router="stablemoe", layout="megatron", balance_loss_coeff=0.3, distill_loss_coeff=0.5),
+}
+
+
+def _aux_losses_reach_total_loss(case):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: F401
+
+    reset_aux_scale()
+    model = build(**case)
+    assert len(model.moe_layers) == 2
+    calls = capture_router_calls(model)
+    tokens, labels = batch(0)
+    task = model(tokens, positions(), None, labels=labels).mean()
+    metrics = model.moe_metrics()
+
+    # Independent per-layer losses from the hidden states each router saw (still in the graph).
+    manual, results = {}, {}
+    for layer in model.moe_layers:
+        (inputs, decision), = calls[layer.layer_number]
+        router = layer.router
+        if case["router"] == "switch":
+            losses, experts, gates = manual_switch_losses(
+                inputs.hidden, router.weight, case["aux_loss_coeff"], case["z_loss_coeff"])
+        else:
+            losses, experts, gates = manual_stablemoe_losses(
+                inputs.hidden, router.weight, router.distilled, seq_major(tokens),
+                case["balance_loss_coeff"], case["distill_loss_coeff"])
+        manual[layer.layer_number] = sum(losses.values())
+        got = metrics[layer.layer_number]
+        results[layer.layer_number] = dict(
+            metric_diff=max(abs(got[name].item() - value.item()) for name, value in losses.items()),
+            metric_names=sorted(got),
+            loss_values={name: value.item() for name, value in losses.items()},
+            experts_equal=torch.equal(decision.expert_index, experts),
+            gate_diff=(decision.gates - gates).abs().max().item(),
+            counts_equal=torch.equal(got["tokens_per_expert"], torch.bincount(experts, minlength=EXPERTS)),
+            mean_gate_diff=abs(got["mean_gate"].item() - gates.mean().item()),
+        )
+        if router.distilled is not None:
+            student = router.distilled.embedding.weight[seq_major(tokens)] @ router.distilled.centroids.t()
+            agreement = (student.argmax(-1) == experts).float().mean().item()
+            results[layer.layer_number]["agreement_diff"] = abs(got["distill_agreement"].item() - agreement)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads(loss, scale):
+        reset_aux_scale(scale)  # 0: the model's own aux losses contribute nothing
+        out = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out)]
+
+    # megatron's cross-entropy backward works in place (one backward per forward): the task loss
+    # goes last on this graph, and a second (identical) forward gives the full gradient.
+    last = max(manual)
+    g_aux = grads(sum(manual.values()), 0.0)
+    g_aux_last_only = grads(manual[last], 0.0)
+    g_task = grads(task, 0.0)
+    g_full = grads(model(tokens, positions(), None, labels=labels).mean(), None)
+    reset_aux_scale()
+
+    worst = max((f - t - a).abs().max().item() for f, t, a in zip(g_full, g_task, g_aux))
+    for layer in model.moe_layers:
+        n = layer.layer_number
+        idx = [i for i, name in enumerate(names) if name.endswith("router.weight")
+               and f"layers.{n - 1}." in name]
+        assert len(idx) == 1
+        i = idx[0]
+        results[n].update(
+            router_aux_norm=g_aux[i].norm().item(),
+            router_full_minus_task=(g_full[i] - g_task[i]).norm().item(),
+            router_missing_if_last_only=(g_aux[i] - g_aux_last_only[i]).norm().item(),
+        )
+        if layer.router.distilled is not None:
+            # distillation trains D and E^ only: their gradient is the distillation loss's alone
+            for name, param in layer.router.distilled.named_parameters():
+                j = next(k for k, p in enumerate(params) if p is param)
+                results[n].setdefault("distilled_task_grad", 0.0)
+                results[n]["distilled_task_grad"] = max(results[n]["distilled_task_grad"],
+                                                        g_task[j].abs().max().item())
+                results[n].setdefault("distilled_grad_norm", 0.0)
+                results[n]["distilled_grad_norm"] += g_full[j].norm().item()
+    return worst, results
+
+
+@pytest.mark.parametrize("name", sorted(AUX_CASES))
+def test_every_layer_aux_loss_reaches_total_loss_and_metrics(name):
+    case = AUX_CASES[name]
+    worst, results = run_distributed(_aux_losses_reach_total_loss, world_size=1, args=(case,))[0]
+    assert worst <= 1e-6, worst  # full grad == task grad + coefficient-weighted aux grad, every param
+    assert sorted(results) == [2, 4]
+    for number, res in results.items():
+        assert res["experts_equal"] and res["counts_equal"], number
+        assert res["gate_diff"] <= 1e-6 and res["mean_gate_diff"] <= 1e-6, res
+        assert res["metric_diff"] <= 1e-6, res
+        assert all(value > 0 for value in res["loss_values"].values()), res
+        # the aux loss of THIS layer moves THIS layer's router: its contribution is really there,
+        # and a model that only added the last layer's aux loss would miss a visible part of it
+        assert res["router_aux_norm"] > 1e-4, res
+        assert abs(res["router_full_minus_task"] - res["router_aux_norm"]) <= 1e-6 + 1e-4 * res["router_aux_norm"]
+        if number != 4:
+            assert res["router_missing_if_last_only"] > 1e-4, res
+        if name == "stablemoe":
+            assert set(res["metric_names"]) >= {"balance_loss", "distill_loss", "distill_agreement"}
+            assert res["distilled_task_grad"] == 0.0 and res["distilled_grad_norm"] > 0, res
+            assert res["agreement_diff"] <= 1e-6, res
+        else:
+            assert set(res["metric_names"]) >= {"aux_loss", "z_loss", "mean_gate", "tokens_per_expert"}
