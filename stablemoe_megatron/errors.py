@@ -12,3 +12,7 @@ class ConfigError(ValueError):
 
 class InputDataError(ConfigError):
     """A record of an input data file is malformed; the message names ``file:line`` and the problem."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. a NaN loss); the message was already logged, exit code 1."""

@@ -127,6 +127,37 @@ def initialize_parallel_state(sizes: ParallelSizes, timeout_minutes: int = 30) -
         expert_tensor_parallel_size=1,
         distributed_timeout_minutes=timeout_minutes,
     )
+    _create_host_expert_parallel_group()
+
+
+_HOST_EP_GROUP = None
+
+
+def host_expert_parallel_group():
+    """A gloo group over this rank's expert-parallel ranks, on GPU runs with EP > 1 (else None).
+
+    The dispatcher exchanges per-expert token counts that are already on the host (hash and
+    frozen StableMoE routing) over it, so no device-to-host copy is needed (see moe/dispatcher.py).
+    On CPU runs the EP group itself is a gloo group and is used directly.
+    """
+    return _HOST_EP_GROUP
+
+
+def _create_host_expert_parallel_group() -> None:
+    global _HOST_EP_GROUP
+    from megatron.core import parallel_state
+
+    _HOST_EP_GROUP = None
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    if not torch.cuda.is_available() or ep_group.size() == 1:
+        return
+    mine = torch.distributed.get_process_group_ranks(ep_group)
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    for ranks in sorted({tuple(r) for r in everyone}):  # same order on every rank: new_group is collective
+        group = torch.distributed.new_group(list(ranks), backend="gloo")
+        if list(ranks) == mine:
+            _HOST_EP_GROUP = group
 
 
 def seed_everything(seed: int) -> None:

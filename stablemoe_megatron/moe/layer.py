@@ -116,7 +116,8 @@ class StableMoELayer(BaseMoELayer):
         output = self.dispatcher.combine(expert_output, state, decision.gates)
         if self.training and decision.aux_loss.requires_grad:
             output = MoEAuxLossAutoScaler.apply(output, decision.aux_loss)
-        self.metrics.add(decision)
+        if self.training:  # evaluation and probes must not mix into the training statistics
+            self.metrics.add(decision)
         if self.keep_last_decision:
             self.last_decision = decision
         return output.view(hidden_states.shape), None

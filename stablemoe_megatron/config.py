@@ -1,0 +1,186 @@
+"""The run's configuration tree: typed dataclasses, the single source of truth.
+
+``RunConfig`` groups the sections below. The command line (Megatron-LM flag names) is generated
+from the fields by :mod:`stablemoe_megatron.cli_args`; ``--config FILE.yaml`` is applied before the
+flags; the resolved tree is written as YAML next to every run and into every checkpoint.
+Field ``metadata`` carries the help text, ``choices``, an explicit ``flag`` where the Megatron name
+differs from ``--<prefix><field-name>``, and ``aliases``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.model.config import ModelConfig
+from stablemoe_megatron.moe.config import MoEConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = field(default=1, metadata={"help": "tensor parallel size"})
+    pipeline_model_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel size"})
+    expert_model_parallel_size: int = field(default=1, metadata={"help": "expert parallel size"})
+    sequence_parallel: bool = field(default=False, metadata={
+        "help": "split activations along the sequence over TP ranks (required for MoE with TP > 1)"})
+    use_distributed_optimizer: bool = field(default=False, metadata={
+        "help": "shard optimizer state over data-parallel ranks (ZeRO-1)"})
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = field(default=6e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of decay"})
+    lr_decay_style: str = field(default="linear", metadata={
+        "help": "decay after warm-up", "choices": ("constant", "linear", "cosine")})
+    lr_warmup_iters: int = field(default=0, metadata={"help": "linear warm-up iterations"})
+    lr_decay_iters: Optional[int] = field(default=None, metadata={"help": "decay length (default --train-iters)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay (AdamW)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (paper: 0.98)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    clip_grad: float = field(default=0.1, metadata={"help": "global gradient-norm clip (paper: 0.1; 0 = off)"})
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch per DP rank"})
+    global_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "samples per optimizer step over all DP ranks (default micro x DP)"})
+    train_iters: int = field(default=1000, metadata={"help": "optimizer steps"})
+    seed: int = field(default=1234, metadata={"help": "random seed"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 parameters and compute (GPU)"})
+    eval_interval: int = field(default=1000, metadata={"help": "iterations between validations"})
+    eval_iters: int = field(default=10, metadata={"help": "validation micro-batch rounds per evaluation"})
+    exit_interval: Optional[int] = field(default=None, metadata={
+        "help": "stop (after saving) once the iteration is a multiple of this"})
+
+
+@dataclass
+class DataConfig:
+    data_path: List[str] = field(default_factory=list, metadata={
+        "help": "weighted blend 'W1 PREFIX1 W2 PREFIX2 ...' or PREFIX of .bin/.idx datasets"})
+    split: str = field(default="969,30,1", metadata={"help": "train,valid,test split of --data-path"})
+    valid_data_path: List[str] = field(default_factory=list, metadata={
+        "help": "separate validation dataset(s); overrides the split's valid part"})
+    test_data_path: List[str] = field(default_factory=list, metadata={
+        "help": "separate test dataset(s); overrides the split's test part"})
+    tokenizer_type: str = field(default="SentencePieceTokenizer", metadata={
+        "help": "tokenizer", "choices": ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer")})
+    tokenizer_model: Optional[str] = field(default=None, metadata={"help": "tokenizer model file/dir"})
+    vocab_file: Optional[str] = field(default=None, metadata={"help": "GPT-2 BPE vocab.json"})
+    merge_file: Optional[str] = field(default=None, metadata={"help": "GPT-2 BPE merges.txt"})
+    data_cache_path: Optional[str] = field(default=None, metadata={
+        "help": "where megatron's dataset index caches go (default beside the data)"})
+    num_workers: int = field(default=0, metadata={"help": "data loader worker processes"})
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = field(default=None, metadata={"help": "checkpoint directory to write"})
+    load: Optional[str] = field(default=None, metadata={"help": "checkpoint directory to resume from"})
+    save_interval: Optional[int] = field(default=None, metadata={"help": "iterations between checkpoints"})
+    no_load_optim: bool = field(default=False, metadata={"help": "load weights only (fresh optimizer)"})
+    keep_last: Optional[int] = field(default=None, metadata={"help": "keep only the N newest checkpoints"})
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = field(default=10, metadata={"help": "iterations between log lines"})
+    tensorboard_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard event directory"})
+    metrics_file: Optional[str] = field(default=None, metadata={"help": "JSONL metrics file"})
+    routing_probe_interval: Optional[int] = field(default=None, metadata={
+        "help": "iterations between routing probes (fluctuation tracking); absent = off"})
+    routing_probe_tokens: int = field(default=4096, metadata={"help": "held-out tokens in the routing probe"})
+
+
+SECTIONS = {
+    # section name -> (dataclass, flag prefix)
+    "model": (ModelConfig, ""),
+    "moe": (MoEConfig, "moe-"),
+    "parallel": (ParallelConfig, ""),
+    "optimizer": (OptimizerConfig, ""),
+    "training": (TrainingConfig, ""),
+    "data": (DataConfig, ""),
+    "checkpoint": (CheckpointConfig, ""),
+    "logging": (LoggingConfig, ""),
+}
+
+# Flags whose Megatron name is not --<prefix><field>.
+FLAG_OVERRIDES = {("moe", "num_experts"): "--num-experts"}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """Build from a nested dict; unknown sections or keys are a ConfigError naming them."""
+        config = cls()
+        for section, entries in (values or {}).items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r}; sections: {', '.join(SECTIONS)}")
+            target = getattr(config, section)
+            names = {f.name for f in dataclasses.fields(target)}
+            for key, value in (entries or {}).items():
+                if key not in names:
+                    raise ConfigError(f"unknown setting {section}.{key}; known: {', '.join(sorted(names))}")
+                setattr(target, key, value)
+        return config
+
+    # -- derived values ------------------------------------------------------------------------
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
+
+    def global_batch(self, world_size: int) -> int:
+        return self.training.global_batch_size or self.training.micro_batch_size * self.data_parallel_size(world_size)
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.global_batch(world_size) // (self.training.micro_batch_size * self.data_parallel_size(world_size))
+
+    def validate(self, world_size: int) -> None:
+        """Every check that needs no data or checkpoint; ConfigError names the flags and the fix."""
+        from stablemoe_megatron.parallel import ParallelSizes
+
+        par = self.parallel
+        ParallelSizes(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                      par.expert_model_parallel_size).validate(world_size)
+        self.model.validate(par.tensor_model_parallel_size)
+        self.moe.validate(self.model.num_layers, self.training.train_iters)
+        if self.moe.enabled and self.moe.num_experts % par.expert_model_parallel_size:
+            raise ConfigError(f"--num-experts {self.moe.num_experts} is not divisible by "
+                              f"--expert-model-parallel-size {par.expert_model_parallel_size}")
+        if not self.moe.enabled and par.expert_model_parallel_size > 1:
+            raise ConfigError("--expert-model-parallel-size > 1 needs an MoE model: add --num-experts")
+        if self.moe.enabled and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
+            raise ConfigError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+                              "(each TP rank routes its own sequence shard)")
+        if self.model.num_layers % par.pipeline_model_parallel_size:
+            raise ConfigError(f"--num-layers {self.model.num_layers} is not divisible by "
+                              f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}")
+        self._validate_batch(world_size)
+        if self.training.train_iters < 1:
+            raise ConfigError("--train-iters must be >= 1")
+        if not self.data.data_path:
+            raise ConfigError("--data-path is required: a PREFIX of a .bin/.idx dataset (see tools/preprocess_data.py)")
+
+    def _validate_batch(self, world_size: int) -> None:
+        micro, dp = self.training.micro_batch_size, self.data_parallel_size(world_size)
+        if micro < 1:
+            raise ConfigError("--micro-batch-size must be >= 1")
+        if self.global_batch(world_size) % (micro * dp):
+            raise ConfigError(f"--global-batch-size {self.global_batch(world_size)} is not divisible by "
+                              f"--micro-batch-size {micro} x data-parallel size {dp}")

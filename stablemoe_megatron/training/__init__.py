@@ -1,0 +1,1 @@
+"""The trainer: setup (checks, model, optimizers, resume, data), loop, checkpoints, logging."""

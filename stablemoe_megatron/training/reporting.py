@@ -1,0 +1,156 @@
+"""Logging on the last rank: Megatron's iteration line, TensorBoard scalars, JSONL records.
+
+MoE statistics are gathered from every rank at each log interval (one ``all_gather_object``):
+``tokens_per_expert`` is summed over ranks (TP shards and DP replicas route different tokens) and
+averaged over the interval's steps; balance / distillation / auxiliary / z losses are partial sums
+on sequence-parallel shards, so they are summed over TP and averaged over DP; agreement, mean gate
+and dropped fraction are averaged. Scalars are means over the interval's micro-batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+
+SUMMED_OVER_TP = ("balance_loss", "distill_loss", "aux_loss", "z_loss")
+
+
+def is_last_rank() -> bool:
+    if not torch.distributed.is_initialized():
+        return True
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def gather_moe_metrics(model, steps: int) -> Dict[int, dict]:
+    """{layer number: merged metrics} on every rank (collective); resets the layers' sums."""
+    from megatron.core import parallel_state as ps
+
+    local = {}
+    for layer, values in model.moe_metrics(reset=True).items():
+        local[layer] = {k: (v.detach().cpu().tolist() if v.dim() else float(v)) for k, v in values.items()}
+    entry = (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), local)
+    entries = [entry]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        entries = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(entries, entry)
+    return _merge(entries, max(steps, 1))
+
+
+def _merge(entries, steps: int) -> Dict[int, dict]:
+    per_layer: Dict[int, list] = {}
+    for tp_rank, dp_rank, layers in entries:
+        for layer, values in layers.items():
+            per_layer.setdefault(layer, []).append((tp_rank, dp_rank, values))
+    merged = {}
+    for layer, items in sorted(per_layer.items()):
+        out = {}
+        counts = [v["tokens_per_expert"] for _, _, v in items if "tokens_per_expert" in v]
+        if counts:
+            out["tokens_per_expert"] = [sum(c) / steps for c in zip(*counts)]
+        names = {k for _, _, v in items for k in v if k != "tokens_per_expert"}
+        for name in sorted(names):
+            if name in SUMMED_OVER_TP:
+                by_dp: Dict[int, float] = {}
+                for _, dp, v in items:
+                    by_dp[dp] = by_dp.get(dp, 0.0) + v.get(name, 0.0)
+                out[name] = sum(by_dp.values()) / len(by_dp)
+            else:
+                values = [v[name] for _, _, v in items if name in v]
+                out[name] = sum(values) / len(values)
+        merged[layer] = out
+    return merged
+
+
+class Reporter:
+    """Writes the run's logs; only the last rank writes anything."""
+
+    def __init__(self, tensorboard_dir: Optional[str], metrics_file: Optional[str], train_iters: int):
+        self.active = is_last_rank()
+        self.train_iters = train_iters
+        self.writer = None
+        self.jsonl = None
+        if self.active and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        if self.active and metrics_file:
+            self.jsonl = open(metrics_file, "a", encoding="utf-8")
+
+    def message(self, text: str) -> None:
+        if self.active:
+            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}", flush=True)
+
+    def record(self, record: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def iteration(self, record: dict, moe: Dict[int, dict]) -> None:
+        """Print the Megatron iteration line and write TB scalars and a JSONL record."""
+        if not self.active:
+            return
+        record = dict(record, moe_layers={str(k): v for k, v in moe.items()})
+        self.record(record)
+        self._tensorboard(record, moe)
+        print(self._line(record, moe), flush=True)
+        sys.stdout.flush()
+
+    def _line(self, r: dict, moe: Dict[int, dict]) -> str:
+        def total(name):
+            values = [v[name] for v in moe.values() if name in v]
+            return sum(values) if values else None
+
+        parts = [f" iteration {r['iteration']:8d}/{self.train_iters:8d}",
+                 f"consumed samples: {r['consumed_samples']:12d}",
+                 f"elapsed time per iteration (ms): {r['elapsed_ms']:.1f}",
+                 f"learning rate: {r['lr']:.6E}", f"global batch size: {r['global_batch_size']:5d}",
+                 f"lm loss: {r['lm_loss']:.6E}"]
+        for label, name in (("balance loss", "balance_loss"), ("distill loss", "distill_loss"),
+                            ("aux loss", "aux_loss")):
+            value = total(name)
+            if value is not None:
+                parts.append(f"{label}: {value:.6E}")
+        if r.get("grad_norm") is not None:
+            parts.append(f"grad norm: {r['grad_norm']:.3f}")
+        parts.append(f"tokens/s: {r['tokens_per_sec']:.0f}")
+        parts.append(f"stage: {r['stage']}")
+        if r.get("routing_changed") is not None:
+            parts.append(f"routing changed: {r['routing_changed']}")
+        return f"[{time.strftime('%Y-%m-%d %H:%M:%S')}]" + " | ".join(parts) + " |"
+
+    def _tensorboard(self, r: dict, moe: Dict[int, dict]) -> None:
+        if self.writer is None:
+            return
+        step = r["iteration"]
+        for name in ("lm_loss", "lr", "grad_norm", "tokens_per_sec", "stage"):
+            if r.get(name) is not None:
+                self.writer.add_scalar(f"train/{name}", r[name], step)
+        for layer, values in moe.items():
+            for name, value in values.items():
+                if isinstance(value, list):
+                    for expert, count in enumerate(value):
+                        self.writer.add_scalar(f"moe/layer{layer}/{name}/expert{expert}", count, step)
+                else:
+                    self.writer.add_scalar(f"moe/layer{layer}/{name}", value, step)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def validation(self, split: str, iteration: int, loss: float) -> None:
+        ppl = math.exp(min(loss, 50.0))
+        self.message(f"{split} loss at iteration {iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.3f}")
+        self.record({"iteration": iteration, "split": split, "val_loss": loss, "val_ppl": ppl})
+        self.scalars(split, {"loss": loss, "ppl": ppl}, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
