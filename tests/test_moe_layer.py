@@ -205,3 +205,218 @@ def test_every_layer_aux_loss_reaches_total_loss_and_metrics(name):
             assert res["agreement_diff"] <= 1e-6, res
         else:
             assert set(res["metric_names"]) >= {"aux_loss", "z_loss", "mean_gate", "tokens_per_expert"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. token-id routing with host token ids makes no device-to-host copy in the dispatcher
+# ----------------------------------------------------------------------------------------------
+class count_every_host_copy:
+    """The dispatcher counts only copies from a non-CPU device, so on a CPU-only machine its
+    counter never moves. Inside this context every ``_to_host`` call counts (every place where a
+    GPU run would copy device -> host), through the same counter the benchmarks read."""
+
+    def __enter__(self):
+        from stablemoe_megatron.moe import dispatcher
+
+        self._module, self._original = dispatcher, dispatcher._to_host
+
+        def counting_to_host(tensor):
+            dispatcher._D2H_COPIES[0] += 1
+            return tensor.cpu()
+
+        dispatcher._to_host = counting_to_host
+        return self
+
+    def __exit__(self, *exc):
+        self._module._to_host = self._original
+
+
+HOST_ID_CASES = {
+    "hash-paper": dict(router="hash"),
+    "hash-megatron": dict(router="hash", layout="megatron"),
+    "stablemoe-frozen-paper": dict(router="stablemoe"),
+    "stablemoe-frozen-megatron": dict(router="stablemoe", layout="megatron"),
+    "switch-wordemb-frozen-megatron": dict(router="switch", distill="wordemb", layout="megatron"),
+}
+
+
+def _host_token_ids_run(case, stage_two):
+    from megatron.core import parallel_state as ps
+
+    from stablemoe_megatron.moe.dispatcher import device_to_host_copies
+
+    reset_aux_scale()
+    model = build(**case)
+    if stage_two:
+        model.enter_stage_two()
+        assert model.moe_stage == 2
+    for layer in model.moe_layers:
+        layer.keep_last_decision = True
+    tokens, labels = batch(ps.get_data_parallel_rank())
+    out = {"layers": len(model.moe_layers)}
+    with count_every_host_copy():
+        for mode, host in (("host", tokens), ("device", None)):
+            model.zero_grad(set_to_none=True)
+            before = device_to_host_copies()
+            losses = model(tokens, positions(), None, labels=labels, host_token_ids=host)
+            out[mode + "_copies"] = device_to_host_copies() - before
+            decisions = [layer.last_decision for layer in model.moe_layers]
+            out[mode + "_host_counts"] = [
+                None if d.host_tokens_per_expert is None
+                else torch.equal(d.host_tokens_per_expert, torch.bincount(d.expert_index, minlength=EXPERTS))
+                for d in decisions]
+            losses.mean().backward()
+            out[mode + "_losses"] = losses.detach()
+            out[mode + "_grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out["loss_diff"] = (out["host_losses"] - out["device_losses"]).abs().max().item()
+    out["grad_diff"] = max((out["host_grads"][n] - g).abs().max().item() for n, g in out["device_grads"].items())
+    out["same_grad_keys"] = sorted(out["host_grads"]) == sorted(out["device_grads"])
+    del out["host_grads"], out["device_grads"]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(HOST_ID_CASES))
+@pytest.mark.parametrize("world,ep", [(1, 1), (2, 2)], ids=["ep1", "ep2"])
+def test_token_id_routing_with_host_ids_makes_no_device_to_host_copy(name, world, ep):
+    case = HOST_ID_CASES[name]
+    stage_two = case["router"] != "hash"
+    for res in run_distributed(_host_token_ids_run, world_size=world, ep=ep, args=(case, stage_two)):
+        assert res["host_copies"] == 0, res
+        assert all(res["host_host_counts"]), res  # the counts came from the host, and are right
+        assert res["loss_diff"] == 0.0 and res["grad_diff"] == 0.0 and res["same_grad_keys"], res
+        # without the host ids the same routing needs the counts from the device
+        assert res["device_host_counts"] == [None] * res["layers"], res
+        if ep == 1:
+            assert res["device_copies"] == res["layers"], res
+        else:
+            assert res["device_copies"] >= res["layers"], res
+
+
+@pytest.mark.parametrize("case", [dict(router="stablemoe"), dict(router="switch", layout="megatron"),
+                                  dict(router="expert-choice", layout="megatron")],
+                         ids=["stablemoe-stage1-paper", "switch-megatron", "expert-choice-megatron"])
+def test_learned_routing_copies_counts_once_per_layer_call(case):
+    res = run_distributed(_host_token_ids_run, world_size=1, args=(case, False))[0]
+    # host ids do not help a router whose choice depends on the hidden states: one copy per call
+    assert res["layers"] >= 1
+    assert res["host_copies"] == res["layers"] and res["device_copies"] == res["layers"], res
+    assert res["loss_diff"] == 0.0 and res["grad_diff"] == 0.0, res
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. capacity dropping: tokens over capacity get zero MoE output (their residual only)
+# ----------------------------------------------------------------------------------------------
+def expected_kept(hidden, weight, router, capacity_factor):
+    """Independent capacity rule: per expert keep the ceil(T*c/N) highest-gate tokens (ties: earlier)."""
+    scores = hidden.float() @ weight.t()
+    if router == "switch":
+        scores = torch.softmax(scores, -1)
+    experts = scores.argmax(-1)
+    gates = scores.gather(1, experts[:, None]).squeeze(1)
+    if router == "stablemoe":
+        gates = torch.sigmoid(gates)
+    capacity = math.ceil(hidden.shape[0] * capacity_factor / EXPERTS)
+    kept = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    for expert in range(EXPERTS):
+        rows = sorted((t for t in range(hidden.shape[0]) if experts[t] == expert),
+                      key=lambda t: (-gates[t].item(), t))
+        kept[rows[:capacity]] = True
+    return kept
+
+
+def _capacity_dropping(case, capacity_factor):
+    reset_aux_scale()
+    dropping = build(capacity=capacity_factor, **case)
+    full = build(**case)
+    assert load_global_tensors(full, global_tensors(dropping)) > 0
+    tokens, _ = batch(0)
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
+    layer, reference = dropping.moe_layers[0], full.moe_layers[0]
+    out = {}
+    for mode in ("train", "eval"):
+        for model in (dropping, full):
+            model.train(mode == "train")
+            for moe_layer in model.moe_layers:
+                moe_layer.metrics.reset()
+                moe_layer.set_token_ids(tokens)
+        got = layer(hidden)[0].reshape(-1, HIDDEN)
+        want = reference(hidden)[0].reshape(-1, HIDDEN)
+        zero_rows = (got == 0).all(-1)
+        kept = expected_kept(hidden.reshape(-1, HIDDEN), layer.router.weight, case["router"], capacity_factor)
+        out[mode] = dict(
+            num_dropped=int(zero_rows.sum()),
+            zero_rows_are_dropped=torch.equal(zero_rows, ~kept) if mode == "train" else None,
+            expected_dropped=int((~kept).sum()),
+            kept_diff=(got[~zero_rows] - want[~zero_rows]).abs().max().item(),
+            dropped_rows_nonzero_without_capacity=bool((want[zero_rows] != 0).any(-1).all()),
+            dropped_fraction=layer.metrics.snapshot().get("dropped_fraction"),
+        )
+        if case.get("layout", "paper") == "paper":
+            # the block adds the MoE output to the residual stream: a dropped token passes unchanged
+            block = next(m for m in dropping.modules() if hasattr(m, "moe_block"))
+            passed = block._moe(hidden).reshape(-1, HIDDEN)
+            out[mode]["dropped_rows_are_residual"] = torch.equal(passed[zero_rows], hidden.reshape(-1, HIDDEN)[zero_rows])
+    return out
+
+
+@pytest.mark.parametrize("case", [dict(router="stablemoe"), dict(router="switch", layout="megatron")],
+                         ids=["stablemoe-paper", "switch-megatron"])
+def test_capacity_dropping_zeroes_overflow_tokens_only(case):
+    train, evaluation = run_distributed(_capacity_dropping, world_size=1, args=(case, 0.75))[0].values()
+    tokens = SEQ * BATCH
+    assert 0 < train["num_dropped"] < tokens, train
+    assert train["num_dropped"] == train["expected_dropped"] and train["zero_rows_are_dropped"], train
+    assert train["kept_diff"] <= 1e-6, train  # kept tokens: exactly what the no-drop layer gives
+    assert train["dropped_rows_nonzero_without_capacity"], train
+    assert abs(train["dropped_fraction"].item() - train["num_dropped"] / tokens) <= 1e-6, train
+    if "dropped_rows_are_residual" in train:
+        assert train["dropped_rows_are_residual"], train
+    # no dropping at evaluation: every token gets its expert, as without a capacity
+    assert evaluation["num_dropped"] == 0 and evaluation["kept_diff"] <= 1e-6, evaluation
+    assert evaluation["dropped_fraction"] is None, evaluation
+
+
+def _capacity_reference(case, num_batches):
+    reset_aux_scale()
+    model = build(**case)
+    weights = global_tensors(model)
+    losses = []
+    for seed in range(num_batches):
+        tokens, labels = batch(seed)
+        loss = model(tokens, positions(), None, labels=labels)
+        loss.mean().backward()
+        losses.append(loss.detach())
+    dropped = [m["dropped_fraction"].item() for m in model.moe_metrics().values()]
+    return weights, losses, global_tensors(model, grads=True), dropped
+
+
+def _capacity_parallel(case, weights, ref_losses, ref_grads):
+    from megatron.core import parallel_state as ps
+
+    from moe_cases import reduce_grads_like_megatron
+    from stablemoe_megatron.testing import max_abs_diff_to_global
+
+    reset_aux_scale()
+    model = build(**case)
+    load_global_tensors(model, weights)
+    dp_rank = ps.get_data_parallel_rank()
+    tokens, labels = batch(dp_rank)
+    losses = model(tokens, positions(), None, labels=labels)
+    losses.mean().backward()
+    reduce_grads_like_megatron(model)
+    grad_diff, _ = max_abs_diff_to_global(model, ref_grads, grads=True)
+    return (losses.detach() - ref_losses[dp_rank]).abs().max().item(), grad_diff
+
+
+@pytest.mark.parametrize("world,tp,ep", [(2, 1, 2), (2, 2, 1)], ids=["ep2", "tp2sp"])
+def test_capacity_dropping_is_independent_of_the_parallel_layout(world, tp, ep):
+    """The capacity is counted over the DP rank's micro-batch, all sequence-parallel shards of it:
+    TP=2 + SP and EP=2 drop exactly the tokens a single process drops."""
+    case = dict(router="stablemoe", capacity=0.75)
+    dp = world // tp
+    weights, ref_losses, ref_grads, dropped = run_distributed(_capacity_reference, world_size=1, args=(case, dp))[0]
+    assert all(d > 0.05 for d in dropped), dropped  # really dropping
+    for loss_diff, grad_diff in run_distributed(_capacity_parallel, world_size=world, tp=tp, ep=ep,
+                                                args=(case, weights, ref_losses, ref_grads)):
+        assert loss_diff <= 1e-5 and grad_diff <= 1e-5, (loss_diff, grad_diff)

@@ -232,11 +232,15 @@ class TokenChoiceRouter(RouterBase):
         return weighted if self.training else weighted.detach()
 
     def _capacity_keep(self, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Keep mask [T_local]; capacity and ranking over the DP rank's whole micro-batch (all SP shards)."""
         from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
 
-        capacity = expert_capacity_per_expert(expert_ids.shape[0], self.num_experts,
+        full_ids = self._gather_over_sequence(expert_ids)
+        full_gates = self._gather_over_sequence(gates.detach())
+        capacity = expert_capacity_per_expert(full_ids.shape[0], self.num_experts,
                                               self.moe.expert_capacity_factor)
-        return capacity_keep_mask(expert_ids, gates.detach(), self.num_experts, capacity)
+        keep = capacity_keep_mask(full_ids, full_gates, self.num_experts, capacity)
+        return keep[self._local_rows(expert_ids.shape[0])]
 
 
 class StableMoERouter(TokenChoiceRouter):
