@@ -420,3 +420,100 @@ def test_capacity_dropping_is_independent_of_the_parallel_layout(world, tp, ep):
     for loss_diff, grad_diff in run_distributed(_capacity_parallel, world_size=world, tp=tp, ep=ep,
                                                 args=(case, weights, ref_losses, ref_grads)):
         assert loss_diff <= 1e-5 and grad_diff <= 1e-5, (loss_diff, grad_diff)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Expert Choice: causal threshold routing at evaluation; thresholds identical on every rank
+# ----------------------------------------------------------------------------------------------
+ROUTER_SCALE = 30.0
+
+
+def expected_kth(inputs, weight, capacity_factor=2.0):
+    """The k-th largest router probability of each expert over the call's tokens (SPEC 4)."""
+    probs = torch.softmax(inputs.hidden.detach().float() @ weight.detach().t(), dim=-1)
+    k = max(1, min(probs.shape[0], math.floor(probs.shape[0] * capacity_factor / EXPERTS + 0.5)))
+    return probs.sort(dim=0, descending=True).values[k - 1]
+
+
+def _expert_choice_causality(cut_positions):
+    reset_aux_scale()
+    momentum = 0.9
+    model = build(router="expert-choice", expert_choice_threshold_momentum=momentum)
+    calls = capture_router_calls(model)
+    router = model.moe_layers[0].router
+    with torch.no_grad():
+        router.weight.mul_(ROUTER_SCALE)  # a decided router (at init all probabilities are ~1/N)
+    expected = None
+    for step in range(2):  # two optimizer steps of two micro-batches each
+        kth = []
+        for micro in range(2):
+            tokens, labels = batch(10 * step + micro)
+            model(tokens, positions(), None, labels=labels).mean().backward()
+            kth.append(expected_kth(calls[model.moe_layers[0].layer_number][-1][0], router.weight))
+        mean_kth = torch.stack(kth).mean(0)
+        expected = mean_kth if expected is None else momentum * expected + (1 - momentum) * mean_kth
+        model.finalize_moe_step()
+    out = {"threshold_diff": (router.thresholds - expected).abs().max().item(),
+           "initialized": bool(router.thresholds_initialized)}
+
+    tokens, _ = batch(3)
+    gen = torch.Generator().manual_seed(5)
+    changes = {}
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        with torch.no_grad():
+            base = model(tokens, positions(), None)
+            worst = []
+            for cut in cut_positions:  # change every token after position `cut`
+                changed = tokens.clone()
+                changed[:, cut + 1:] = torch.randint(0, VOCAB, changed[:, cut + 1:].shape, generator=gen)
+                logits = model(changed, positions(), None)
+                assert logits.shape == (BATCH, SEQ, VOCAB)
+                worst.append(((logits - base)[:, :cut + 1].abs().max().item(),
+                              (logits - base)[:, cut + 1:].abs().max().item()))
+        changes[mode] = worst
+    out["changes"] = changes
+    model.eval()
+    with torch.no_grad():
+        model(tokens, positions(), None)
+    routed = torch.bincount(calls[model.moe_layers[0].layer_number][-1][1].token_index, minlength=SEQ * BATCH)
+    out["experts_per_token"] = sorted(set(routed.tolist()))
+    return out
+
+
+def test_expert_choice_evaluation_routing_is_causal():
+    res = run_distributed(_expert_choice_causality, world_size=1, args=([3, 7, 11],))[0]
+    assert res["initialized"] and res["threshold_diff"] <= 1e-6, res
+    assert len(res["experts_per_token"]) > 1, res  # the thresholds really select (0, 1, 2 ... experts)
+    for past, future in res["changes"]["eval"]:
+        assert past == 0.0, res  # positions <= cut never see the changed future
+        assert future > 1e-3, res  # (the change itself is visible where it happened)
+    # training routing (each expert's top-k over the whole batch) looks ahead
+    assert max(past for past, _ in res["changes"]["train"]) > 1e-4, res
+
+
+def _expert_choice_thresholds_over_dp():
+    from megatron.core import parallel_state as ps
+
+    reset_aux_scale()
+    model = build(router="expert-choice")
+    calls = capture_router_calls(model)
+    router = model.moe_layers[0].router
+    with torch.no_grad():
+        router.weight.mul_(ROUTER_SCALE)
+        torch.distributed.broadcast(router.weight, src=0)  # same weights everywhere, as after DDP init
+    rank = ps.get_data_parallel_rank()
+    tokens, labels = batch(rank)
+    model(tokens, positions(), None, labels=labels).mean().backward()
+    local = expected_kth(calls[model.moe_layers[0].layer_number][0][0], router.weight)
+    everyone = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, local)
+    model.finalize_moe_step(ps.get_data_parallel_group())
+    return router.thresholds.clone(), local, torch.stack(everyone).mean(0)
+
+
+def test_expert_choice_thresholds_equal_on_all_ranks():
+    (t0, local0, mean0), (t1, local1, mean1) = run_distributed(_expert_choice_thresholds_over_dp, world_size=2)
+    assert (local0 - local1).abs().max() > 1e-3  # the ranks saw different batches
+    assert torch.equal(t0, t1)
+    assert (t0 - mean0).abs().max() <= 1e-6
