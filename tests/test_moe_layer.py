@@ -517,3 +517,128 @@ def test_expert_choice_thresholds_equal_on_all_ranks():
     assert (local0 - local1).abs().max() > 1e-3  # the ranks saw different batches
     assert torch.equal(t0, t1)
     assert (t0 - mean0).abs().max() <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the stage switch: frozen distilled router routes by token id, the gate keeps learning
+# ----------------------------------------------------------------------------------------------
+REPEATED_IDS = (5, 17, 42)
+
+
+def repeated_id_batch():
+    """A batch in which a few ids occur many times, each time in a different context."""
+    tokens, labels = batch(4)
+    gen = torch.Generator().manual_seed(11)
+    for row in range(BATCH):
+        where = torch.randperm(SEQ, generator=gen)[:6]
+        for j, pos in enumerate(where.tolist()):
+            tokens[row, pos] = REPEATED_IDS[j % len(REPEATED_IDS)]
+    return tokens, labels
+
+
+def _stage_switch_token_id_router(layout):
+    reset_aux_scale()
+    model = build(router="stablemoe", layout=layout, distill="wordemb")
+    calls = capture_router_calls(model)
+    tokens, labels = repeated_id_batch()
+    ids = seq_major(tokens)
+    out = {"stage_before": model.moe_stage,
+           "distilled_trainable_before": all(p.requires_grad for r in model.distilled_routers()
+                                             for p in r.distilled.parameters())}
+    # stage 1: the same id is routed by its hidden state
+    model(tokens, positions(), None, labels=labels)
+    out["stage1_experts_per_id"] = {
+        n: [len(set(c[0][1].expert_index[ids == i].tolist())) for i in REPEATED_IDS] for n, c in calls.items()}
+    model.moe_metrics()
+
+    model.enter_stage_two()
+    out["stage_after"] = model.moe_stage
+    out["distilled_frozen"] = all(not p.requires_grad for r in model.distilled_routers()
+                                  for p in r.distilled.parameters())
+    for c in calls.values():
+        c.clear()
+    model.zero_grad(set_to_none=True)
+    model(tokens, positions(), None, labels=labels).mean().backward()
+    metrics = model.moe_metrics()
+    per_layer = {}
+    for layer in model.moe_layers:
+        (inputs, decision), = calls[layer.layer_number]
+        router = layer.router
+        table = (router.distilled.embedding.weight @ router.distilled.centroids.t()).argmax(-1)
+        scores = inputs.hidden.detach().float() @ router.weight.detach().t()
+        gates = torch.sigmoid(scores.gather(1, decision.expert_index[:, None]).squeeze(1))
+        per_layer[layer.layer_number] = dict(
+            experts_are_table_of_ids=torch.equal(decision.expert_index, table[ids]),
+            token_index_is_identity=torch.equal(decision.token_index, torch.arange(ids.numel())),
+            experts_per_id=[len(set(decision.expert_index[ids == i].tolist())) for i in REPEATED_IDS],
+            gate_diff=(decision.gates.detach() - gates).abs().max().item(),
+            gate_spread_per_id=[decision.gates[ids == i].detach().std().item() for i in REPEATED_IDS],
+            aux_loss=decision.aux_loss.item(),
+            aux_requires_grad=decision.aux_loss.requires_grad,
+            metric_names=sorted(metrics[layer.layer_number]),
+            centroid_grad=router.weight.grad.norm().item(),
+            distilled_grads=[p.grad for p in router.distilled.parameters()],
+        )
+    out["layers"] = per_layer
+    return out
+
+
+@pytest.mark.parametrize("layout", ["paper", "megatron"])
+def test_stage_two_routes_by_token_id_and_keeps_learning_the_gate(layout):
+    res = run_distributed(_stage_switch_token_id_router, world_size=1, args=(layout,))[0]
+    assert res["stage_before"] == 1 and res["distilled_trainable_before"]
+    assert res["stage_after"] == 2 and res["distilled_frozen"]
+    # in stage 1 at least one repeated id goes to different experts in different contexts
+    assert any(n > 1 for counts in res["stage1_experts_per_id"].values() for n in counts), res
+    assert len(res["layers"]) == (2 if layout == "megatron" else 1)
+    for number, lay in res["layers"].items():
+        assert lay["experts_are_table_of_ids"] and lay["token_index_is_identity"], number
+        assert lay["experts_per_id"] == [1] * len(REPEATED_IDS), lay
+        assert lay["gate_diff"] <= 1e-6, lay  # gate = sigmoid of the backbone score E_a . h
+        assert min(lay["gate_spread_per_id"]) > 1e-4, lay  # ... which depends on the context
+        assert lay["centroid_grad"] > 0, lay  # E keeps learning through the gate
+        assert lay["distilled_grads"] == [None] * len(lay["distilled_grads"]), lay
+        assert lay["aux_loss"] == 0.0 and not lay["aux_requires_grad"], lay
+        assert not {"balance_loss", "distill_loss", "distill_agreement"} & set(lay["metric_names"]), lay
+
+
+def _stage_switch_context_router(distill, cut):
+    reset_aux_scale()
+    model = build(router="stablemoe", distill=distill)
+    model.enter_stage_two()
+    calls = capture_router_calls(model)
+    layer = model.moe_layers[0]
+    distilled = layer.router.distilled
+    tokens, labels = repeated_id_batch()
+    changed = tokens.clone()
+    changed[:, cut + 1:] = (changed[:, cut + 1:] + 1) % VOCAB
+    experts = []
+    for toks in (tokens, changed):
+        model(toks, positions(), None, labels=labels).mean().backward()
+        (inputs, decision), = calls[layer.layer_number][-1:]
+        expected = seq_major(distilled.scores(toks).detach().argmax(-1))  # argmax of [B, S, N] scores
+        experts.append((decision.expert_index, expected))
+    got, want = experts[0]
+    scores = distilled.scores(tokens).detach()  # [B, S, N]
+    ids_scores = [scores[tokens == i] for i in REPEATED_IDS]
+    (got_changed, want_changed) = experts[1]
+    first = (cut + 1) * BATCH  # seq-major rows of positions <= cut
+    return dict(
+        stage=model.moe_stage,
+        frozen=all(not p.requires_grad for p in distilled.parameters()),
+        distilled_grads=[p.grad for p in distilled.parameters()],
+        routes_by_distilled_scores=torch.equal(got, want) and torch.equal(got_changed, want_changed),
+        context_spread=min((s - s[0]).abs().max().item() for s in ids_scores),
+        past_unchanged=torch.equal(got[:first], got_changed[:first]),
+        future_changed=not torch.equal(got[first:], got_changed[first:]),
+    )
+
+
+@pytest.mark.parametrize("distill", ["cnn", "transformer"])
+def test_stage_two_context_routers_route_by_distilled_assignment_causally(distill):
+    res = run_distributed(_stage_switch_context_router, world_size=1, args=(distill, 7))[0]
+    assert res["stage"] == 2 and res["frozen"], res
+    assert res["distilled_grads"] == [None] * len(res["distilled_grads"]), res
+    assert res["routes_by_distilled_scores"], res
+    assert res["context_spread"] > 1e-6, res  # the same id scores differently in other contexts
+    assert res["past_unchanged"] and res["future_changed"], res
