@@ -33,6 +33,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "stablemoe-train=stablemoe_megatron.train:main",
+            "stablemoe-eval=stablemoe_megatron.evaluate:main",
             "stablemoe-train-tokenizer=stablemoe_megatron.cli.train_tokenizer:main",
             "stablemoe-preprocess-data=stablemoe_megatron.cli.preprocess_data:main",
         ]
