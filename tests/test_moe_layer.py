@@ -103,8 +103,6 @@ AUX_CASES = {
 
 
 def _aux_losses_reach_total_loss(case):
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: F401
-
     reset_aux_scale()
     model = build(**case)
     assert len(model.moe_layers) == 2

@@ -152,8 +152,6 @@ CHECKPOINT_CASES = {
 
 def _checkpoint_reference(case):
     """Weights (and buffers) of a single-process model whose buffers differ from a fresh model's."""
-    from stablemoe_megatron.model.gpt import StableMoEGPTModel  # noqa: F401
-
     _reset_aux_scale()
     model = build(**case)
     for layer in model.moe_layers:
