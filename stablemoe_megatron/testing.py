@@ -85,6 +85,7 @@ def _run_job(job: _Job) -> Tuple[bool, Any]:
     try:
         initialize_parallel_state(ParallelSizes(job.tp, job.pp, job.ep), timeout_minutes=5)
         seed_everything(job.seed)
+        _reset_megatron_globals()
         return True, job.fn(*job.args, **job.kwargs)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         return False, traceback.format_exc()
@@ -93,6 +94,13 @@ def _run_job(job: _Job) -> Tuple[bool, Any]:
             destroy_parallel_state()
         except Exception:  # noqa: BLE001 - the job's own error matters more
             pass
+
+
+def _reset_megatron_globals() -> None:
+    """Process-wide megatron state a previous job may have left behind in a reused worker."""
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # set by the pipeline schedules
 
 
 class _Pool:
