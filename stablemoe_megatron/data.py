@@ -63,17 +63,11 @@ def _megatron_datasets():
     return builder, gpt_dataset, indexed_dataset
 
 
-# ------------------------------------------------------------------------------------------------
-# --data-path blends
-# ------------------------------------------------------------------------------------------------
+# -- --data-path blends --------------------------------------------------------------------------
 
 
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text) is not None
 
 
 def parse_blend(entries: Sequence[str], flag: str = "--data-path") -> Optional[Blend]:
@@ -90,7 +84,7 @@ def parse_blend(entries: Sequence[str], flag: str = "--data-path") -> Optional[B
     if len(items) % 2 or not all(_is_number(w) for w in items[0::2]):
         raise ConfigError(usage)
     weights = [float(w) for w in items[0::2]]
-    if any(not w > 0 or math.isinf(w) for w in weights):
+    if any(w <= 0 for w in weights):
         raise ConfigError(usage)
     prefixes = items[1::2]
     return (prefixes, None) if len(prefixes) == 1 else (prefixes, weights)
@@ -123,9 +117,7 @@ def check_data_paths(data) -> None:
                                       f"{PREPROCESS_HINT}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Tokenizer
-# ------------------------------------------------------------------------------------------------
+# -- Tokenizer -----------------------------------------------------------------------------------
 
 
 class MegatronTokenizerAdapter:
@@ -159,9 +151,7 @@ def tokenizer_from_config(data):
     return build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file)
 
 
-# ------------------------------------------------------------------------------------------------
-# Token arrays: range check and counts
-# ------------------------------------------------------------------------------------------------
+# -- Token arrays: range check and counts --------------------------------------------------------
 
 
 def _indexed(prefix: str):
@@ -191,10 +181,15 @@ def _tokens(ds, begin: int = 0, end: Optional[int] = None) -> np.ndarray:
                      shape=(last - first,))
 
 
-def _range_error(flag: str, prefix: str, bad: int, vocab_size: int) -> ConfigError:
-    return ConfigError(f"{flag} {prefix}: token id {bad} is outside --tokenizer-model's vocabulary of "
-                       f"{vocab_size}: the data was tokenized with a larger vocabulary than --tokenizer-model's "
-                       f"{vocab_size}: re-run preprocess_data with the same tokenizer")
+def _check_ids(tokens: np.ndarray, vocab_size: int, flag: str, prefix: str) -> None:
+    """ConfigError if an id in ``tokens`` is outside ``[0, vocab_size)`` (numpy min/max, no copy)."""
+    if tokens.size == 0:
+        return
+    high, low = int(tokens.max()), int(tokens.min())
+    if high >= vocab_size or low < 0:
+        raise ConfigError(f"{flag} {prefix}: token id {high if high >= vocab_size else low} is outside "
+                          f"[0, {vocab_size}): the data was tokenized with a larger vocabulary than "
+                          f"--tokenizer-model's {vocab_size}: re-run preprocess_data with the same tokenizer")
 
 
 def check_token_range(data, vocab_size: int) -> None:
@@ -207,12 +202,7 @@ def check_token_range(data, vocab_size: int) -> None:
         for prefix in (blend[0] if blend else []):
             ds = _indexed(prefix)
             tokens = _tokens(ds)
-            tokens = tokens[: SCAN_LIMIT_BYTES // tokens.itemsize]
-            if tokens.size == 0:
-                continue
-            high, low = int(tokens.max()), int(tokens.min())
-            if high >= vocab_size or low < 0:
-                raise _range_error(flag, prefix, high if high >= vocab_size else low, vocab_size)
+            _check_ids(tokens[: SCAN_LIMIT_BYTES // tokens.itemsize], vocab_size, flag, prefix)
 
 
 def token_counts(data, vocab_size: int) -> torch.Tensor:
@@ -231,8 +221,7 @@ def token_counts(data, vocab_size: int) -> torch.Tensor:
         tokens, counts = _tokens(ds, begin, end), np.zeros(vocab_size, dtype=np.int64)
         for start in range(0, tokens.size, COUNT_CHUNK_TOKENS):
             chunk = np.asarray(tokens[start:start + COUNT_CHUNK_TOKENS])
-            if chunk.size and (int(chunk.max()) >= vocab_size or int(chunk.min()) < 0):
-                raise _range_error("--data-path", prefix, int(chunk.max()), vocab_size)
+            _check_ids(chunk, vocab_size, "--data-path", prefix)
             counts += np.bincount(chunk, minlength=vocab_size)
         per_prefix.append(counts)
     if not per_prefix:
@@ -245,24 +234,26 @@ def token_counts(data, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(np.rint(expected).astype(np.int64))
 
 
-# ------------------------------------------------------------------------------------------------
-# Splits
-# ------------------------------------------------------------------------------------------------
+# -- Splits --------------------------------------------------------------------------------------
 
 
 def _split_matrix(split: str) -> List[Optional[Tuple[float, float]]]:
-    """--split "969,30,1" -> megatron's book-ends per part, e.g. [(0, .969), (.969, .999), (.999, 1)]."""
-    if not re.fullmatch(r"\s*[0-9.]+(\s*[,/]\s*[0-9.]+){0,2}\s*", split or ""):
-        raise ConfigError(f"--split {split!r}: expected up to three non-negative numbers, e.g. 969,30,1")
-    try:
-        parts = [float(p) for p in re.split(r"[,/]", split)]
-    except ValueError:
-        raise ConfigError(f"--split {split!r}: expected up to three non-negative numbers, e.g. 969,30,1") from None
-    parts += [0.0] * (3 - len(parts))
-    if sum(parts) <= 0:
-        raise ConfigError(f"--split {split!r}: the parts sum to 0; give the train part a share, e.g. 969,30,1")
-    ends = np.cumsum([0.0] + parts) / sum(parts)
-    return [(float(a), float(b)) if b > a else None for a, b in zip(ends[:-1], ends[1:])]
+    """--split "969,30,1" -> megatron's book-ends per part, e.g. [(0, .969), (.969, .999), (.999, 1)].
+
+    Validated here (megatron would silently drop a minus sign or divide by zero), then computed
+    with megatron's own functions so the document ranges match its builder's exactly.
+    """
+    usage = f"--split {split!r}: expected up to three non-negative numbers with a positive sum, e.g. 969,30,1"
+    if not re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)(\s*[,/]\s*(\d+\.?\d*|\.\d+)){0,2}\s*", split or ""):
+        raise ConfigError(usage)
+    if sum(float(p) for p in re.split(r"[,/]", split)) <= 0:
+        raise ConfigError(usage)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import blended_megatron_dataset_config as bmdc
+    return bmdc.convert_split_vector_to_split_matrix(bmdc.parse_and_normalize_split(split))
 
 
 def _document_range(num_documents: int, bookend) -> Tuple[int, int]:
@@ -302,9 +293,7 @@ def check_splits(data, require_train: bool = True) -> None:
                 raise ConfigError(f"{flag} {prefix}: the dataset holds no tokens; {PREPROCESS_HINT}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Building the datasets
-# ------------------------------------------------------------------------------------------------
+# -- Building the datasets -----------------------------------------------------------------------
 
 
 def sample_counts(config, world_size: int) -> Tuple[int, int, int]:
@@ -414,9 +403,7 @@ def _check_lengths(datasets, sizes, eval_needed: int) -> None:
                               "(W1 PREFIX1 W2 PREFIX2 ...) so the data repeats, or ask for fewer iterations")
 
 
-# ------------------------------------------------------------------------------------------------
-# Micro-batches
-# ------------------------------------------------------------------------------------------------
+# -- Micro-batches -------------------------------------------------------------------------------
 
 
 class MegatronPretrainingBatchSampler:
@@ -477,9 +464,7 @@ def eval_micro_batches(dataset, micro_batch_size: int, dp_rank: int, dp_size: in
     return micro_batches(dataset, start_sample, micro_batch_size, dp_rank, dp_size, num_workers, end)
 
 
-# ------------------------------------------------------------------------------------------------
-# Routing-fluctuation probe
-# ------------------------------------------------------------------------------------------------
+# -- Routing-fluctuation probe -------------------------------------------------------------------
 
 
 def probe_tokens(source, num_tokens: int, seq_length: int, seed: int) -> torch.Tensor:

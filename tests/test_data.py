@@ -258,7 +258,8 @@ def test_eval_micro_batches_restart_and_window(tiny, tokenizer):
 def test_token_range(tiny, tmp_path):
     data = make_config(tiny, valid_data_path=[tiny["valid_prefix"]]).data
     D.check_token_range(data, tiny["vocab_size"])
-    with pytest.raises(ConfigError, match=r"larger vocabulary than --tokenizer-model's 100: re-run preprocess_data"):
+    with pytest.raises(ConfigError, match=r"token id \d+ is outside \[0, 100\): the data was tokenized with a "
+                                          r"larger vocabulary than --tokenizer-model's 100: re-run preprocess_data"):
         D.check_token_range(data, 100)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -314,3 +315,34 @@ def test_probe_tokens_from_config(tiny):
         D.probe_tokens(data, 10**9, SEQ, seed=3)
     with pytest.raises(ConfigError, match="--split 100,0,0: the valid part is 0"):
         D.probe_tokens(make_config(tiny, split="100,0,0").data, 100, SEQ, seed=3)
+
+
+# -- every rank builds (gloo world) --------------------------------------------------------------
+
+
+def _rank_batches(config, cache, steps):
+    """On each rank of a 2-process world: build the datasets, return this DP rank's first micro-batches."""
+    from megatron.core import parallel_state as ps
+
+    config.data.data_cache_path = cache
+    tokenizer = D.tokenizer_from_config(config.data)
+    train, valid, _ = D.build_datasets(config, tokenizer, 2)
+    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return (take(D.micro_batches(train, 0, MBS, rank, size), steps),
+            take(D.micro_batches(valid, 0, MBS, rank, size), 2))
+
+
+def test_all_ranks_build_rank_zero_first(tiny, tokenizer, tmp_path):
+    """Rank 0 builds and caches the indices, the other rank loads them after the barrier: same data."""
+    from stablemoe_megatron.testing import run_distributed
+
+    config = make_config(tiny, ["0.3", tiny["prefix"], "0.7", tiny["prefix2"]],
+                         valid_data_path=[tiny["valid_prefix"]])
+    config.training.global_batch_size = None  # MBS x 2 ranks
+    ranks = run_distributed(_rank_batches, world_size=2, args=(config, str(tmp_path / "cache"), 4), timeout=240)
+    config.training.global_batch_size = 2 * MBS
+    config.data.data_cache_path = str(tmp_path / "single")
+    train, valid, _ = D.build_datasets(config, tokenizer, 2)
+    for part, ds, steps in ((0, train, 4), (1, valid, 2)):
+        interleaved = [batch for pair in zip(ranks[0][part], ranks[1][part]) for batch in pair]
+        assert_batches_equal(interleaved, take(D.micro_batches(ds, 0, MBS, 0, 1), 2 * steps))
