@@ -19,7 +19,9 @@ Patches (``PATCHES`` maps name -> function):
   ``optimizer/optimizer.py`` (``found_inf``, ``_scale_one``), ``optimizer/clip_grads.py``
   (``get_grad_norm_fp32``, ``clip_grad_by_total_norm_fp32``), ``transformer/utils.py``
   (``get_default_causal_mask``), ``dist_checkpointing/exchange_utils.py`` and
-  ``models/common/language_module`` (``.cuda()``). One mode instead of dozens of call-site patches.
+  ``models/common/language_module`` (``.cuda()``), and makes ``Tensor.type()`` report the CUDA type
+  name that ``optimizer/clip_grads.py`` ``clip_grad_by_total_norm_fp32`` asserts. One mode instead of
+  dozens of call-site patches.
 * ``current_device_is_cpu`` -- ``torch.cuda.current_device`` returns the CPU device. Megatron
   passes it as ``device=`` in ~170 places (``utils.GlobalMemoryBuffer.get_tensor``,
   ``tensor_parallel/mappings.py``, ``param_and_grad_buffer``, ``p2p_communication`` ...); on CPU
@@ -78,6 +80,11 @@ class CudaDeviceToCpuMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron asserts ``grad.type() == 'torch.cuda.FloatTensor'`` (clip_grads.py
+            # clip_grad_by_total_norm_fp32, optimizer.py): a CPU tensor stands in for a CUDA one.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device=_CPU)

@@ -18,6 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.train import _first_rank, _shutdown
 
 
 def _extra_args(argv):
@@ -81,11 +82,11 @@ def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int]) -> d
     initialize_distributed(ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                          p.expert_model_parallel_size))
     seed_everything(config.training.seed)
-    model, ddp, optimizer, scheduler, _ = build_model_and_optimizers(config, vocab, tokenizer)
+    model, ddp, optimizer, scheduler, _ = build_model_and_optimizers(config, vocab, world)
     saved = load_checkpoint(load_dir, ddp, layout=layout_of(config), load_optim=False)
     if saved.stage == 2 or stage == 2:
         model.enter_stage_two()
-    train, valid, test = data_lib.build_datasets(config, tokenizer, world)
+    train, valid, test = data_lib.build_datasets(config, tokenizer, world, require_train=False)
     dataset = test if split == "test" else valid
     if dataset is None:
         raise ConfigError(f"the {split} split is empty: check --split or pass --eval-data-path")
@@ -106,11 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(argv)
     except ConfigError as exc:
-        print(f"stablemoe-eval: error: {exc}", file=sys.stderr, flush=True)
+        if _first_rank():
+            print(f"stablemoe-eval: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
-        from stablemoe_megatron.train import _shutdown
-
         _shutdown()
     return 0
 

@@ -195,6 +195,7 @@ def run_distributed(
         pool = None
     if pool is None:
         pool = _pools[world_size] = _Pool(world_size, start_timeout=max(timeout, 120.0))
+        _register_shutdown()
     try:
         return pool.run(job, timeout)
     except BaseException:
@@ -210,7 +211,18 @@ def shutdown_pools() -> None:
         pool.close()
 
 
-atexit.register(shutdown_pools)
+_shutdown_registered = []
+
+
+def _register_shutdown() -> None:
+    """Stop the pools at exit BEFORE multiprocessing joins its (non-daemon) children.
+
+    atexit runs handlers last-in first-out, and multiprocessing registers its join handler when
+    it is first used, so ours is registered after the first pool exists.
+    """
+    if not _shutdown_registered:
+        atexit.register(shutdown_pools)
+        _shutdown_registered.append(True)
 
 
 # ---------------------------------------------------------------------------------------------

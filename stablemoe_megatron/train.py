@@ -34,11 +34,17 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _first_rank() -> bool:
+    """User errors are the same on every rank: print them once."""
+    return _rank() == 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(argv)
     except ConfigError as exc:
-        print(f"stablemoe-train: error: {exc}", file=sys.stderr, flush=True)
+        if _first_rank():
+            print(f"stablemoe-train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except TrainingStopped as exc:
         print(f"stablemoe-train: stopped: {exc}", file=sys.stderr, flush=True)

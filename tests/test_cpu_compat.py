@@ -71,3 +71,5 @@ def test_device_mode_redirects_cuda_arguments():
         assert x.cuda() is x
         assert x.to("cuda").device.type == "cpu"
         assert x.to(torch.float64).dtype == torch.float64  # non-device arguments untouched
+        assert x.type() == "torch.cuda.FloatTensor"  # what megatron's clip_grads asserts
+        assert x.type(torch.float64).dtype == torch.float64

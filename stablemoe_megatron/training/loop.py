@@ -27,7 +27,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.reshape(-1).to(losses.dtype)
     loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"lm_loss": loss.detach()}
+    return loss, {"lm_loss": loss.detach().clone()}  # megatron divides `loss` in place afterwards
 
 
 def forward_step(data_iterator, model):

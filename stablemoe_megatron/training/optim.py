@@ -10,6 +10,7 @@ look the same before and after the switch. The router's gradient never mixes wit
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -22,31 +23,36 @@ def distilled_parameters(model) -> List[torch.nn.Parameter]:
     return [p for router in model.distilled_routers() for p in router.distilled.parameters()]
 
 
+@contextlib.contextmanager
+def hidden_from_megatron(params: List[torch.nn.Parameter]):
+    """Within the block the parameters look frozen, so megatron's DDP and optimizer skip them."""
+    wanted = [p.requires_grad for p in params]
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, requires_grad in zip(params, wanted):
+            param.requires_grad_(requires_grad)
+
+
 def wrap_model(model, transformer_config, run: RunConfig):
-    """Float16Module (bf16) and megatron DDP around ``model``; distilled routers stay outside DDP."""
+    """Float16Module (bf16) and megatron DDP around ``model`` (build inside hidden_from_megatron)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    distilled = distilled_parameters(model)
-    wanted = [p.requires_grad for p in distilled]
-    for param in distilled:
-        param.requires_grad_(False)  # invisible to DDP's buffers and to megatron's optimizer
     module = Float16Module(transformer_config, model) if run.training.bf16 else model
     for router in model.distilled_routers():
         router.distilled.float()  # tiny; trained in fp32 by its own optimizer
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer, check_for_nan_in_grad=False)
-    ddp = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=module)
-    for param, requires_grad in zip(distilled, wanted):
-        param.requires_grad_(requires_grad)
-    return ddp
+    return DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=module)
 
 
-def build_optimizer(run: RunConfig, ddp_model):
+def build_optimizer(run: RunConfig, ddp_model, global_batch: int):
     """megatron optimizer (Adam, decoupled weight decay, global-norm clipping) and LR scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = run.optimizer
     config = OptimizerConfig(
@@ -57,14 +63,23 @@ def build_optimizer(run: RunConfig, ddp_model):
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
-    decay_iters = opt.lr_decay_iters or run.training.train_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if opt.lr_warmup_iters else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
-        lr_warmup_steps=opt.lr_warmup_iters, lr_decay_steps=max(decay_iters, opt.lr_warmup_iters + 1),
-        lr_decay_style=opt.lr_decay_style, start_wd=opt.weight_decay, end_wd=opt.weight_decay,
-        wd_incr_steps=run.training.train_iters, wd_incr_style="constant",
+    return optimizer, build_scheduler(run, optimizer, global_batch)
+
+
+def build_scheduler(run: RunConfig, optimizer, global_batch: int):
+    """megatron's LR schedule. Like Megatron-LM it counts SAMPLES (``step(increment=global_batch)``),
+    so iteration counts are converted with the global batch size."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = run.optimizer
+    warmup = opt.lr_warmup_iters * global_batch
+    decay = max((opt.lr_decay_iters or run.training.train_iters) * global_batch, warmup + 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay,
+        wd_incr_steps=run.training.train_iters * global_batch, wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 class DistilledRouterOptimizer:

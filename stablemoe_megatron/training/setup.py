@@ -18,6 +18,7 @@ from stablemoe_megatron import data as data_lib
 from stablemoe_megatron.cli_args import config_from_yaml_text, dump_config
 from stablemoe_megatron.config import RunConfig
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.training.optim import distilled_parameters
 from stablemoe_megatron.training.checkpointing import (
     CONFIG_FILE,
     TrainState,
@@ -82,11 +83,14 @@ def preflight(config: RunConfig, world_size: int):
 
 
 def _has_checkpoint(load) -> bool:
-    """--load of an empty/new directory starts from scratch (Megatron-LM's behaviour)."""
+    """--load of a directory without a checkpoint yet starts from scratch (Megatron-LM's behaviour,
+    so recipes can pass --load and --save the same directory); a missing directory is an error."""
+    from stablemoe_megatron.training.checkpointing import STATE_FILE, TRACKER
+
     path = Path(load)
-    if not path.exists():
+    if not path.is_dir():
         raise ConfigError(f"--load {load}: no such directory")
-    return any(path.iterdir())
+    return (path / TRACKER).is_file() or (path / STATE_FILE).is_file()
 
 
 @dataclass
@@ -119,7 +123,8 @@ class Job:
 
     def enter_stage_two(self, reporter=None) -> None:
         """Freeze the distilled routers and drop their optimizer (SPEC 3); logged once."""
-        count = sum(p.numel() for r in self.model.distilled_routers() for p in r.distilled.parameters())
+        count = torch.tensor(float(sum(p.numel() for p in distilled_parameters(self.model))), device=device())
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)  # the MoE stage's count
         self.model.enter_stage_two()
         self.side_optimizer = None
         self.state.stage = 2
@@ -127,7 +132,8 @@ class Job:
                                 for p in r.distilled.parameters()]
         if reporter is not None:
             reporter.message(f"stage switch at iteration {self.state.iteration}: distilled routers frozen "
-                             f"({count} parameters on the last stage's ranks, excluded from the optimizer); "
+                             f"({int(count)} parameters per pipeline stage holding MoE layers, never in "
+                             f"megatron's optimizer, their own optimizer dropped); "
                              f"balance and distillation losses off; routing is now a function of the token id")
 
     def check_frozen(self) -> None:
@@ -178,7 +184,7 @@ def layout_of(config: RunConfig) -> dict:
             "distributed_optimizer": p.use_distributed_optimizer}
 
 
-def build_model_and_optimizers(config: RunConfig, vocab_size: int, tokenizer=None):
+def build_model_and_optimizers(config: RunConfig, vocab_size: int, world_size: int):
     """(model, ddp_model, optimizer, scheduler, side_optimizer) for this rank (groups initialised)."""
     from megatron.core import parallel_state as ps
 
@@ -188,6 +194,7 @@ def build_model_and_optimizers(config: RunConfig, vocab_size: int, tokenizer=Non
         DistilledRouterOptimizer,
         build_optimizer,
         distilled_parameters,
+        hidden_from_megatron,
         wrap_model,
     )
 
@@ -201,12 +208,13 @@ def build_model_and_optimizers(config: RunConfig, vocab_size: int, tokenizer=Non
         model.cuda(torch.cuda.current_device())
     if config.moe.enabled and config.moe.router == "hash" and config.moe.hash_table == "frequency":
         _install_frequency_hash_table(config, model, vocab_size)
-    ddp_model = wrap_model(model, tconfig, config)
-    optimizer, scheduler = build_optimizer(config, ddp_model)
+    params = distilled_parameters(model)
+    with hidden_from_megatron(params):  # trained by their own optimizer in stage 1, then frozen
+        ddp_model = wrap_model(model, tconfig, config)
+        optimizer, scheduler = build_optimizer(config, ddp_model, config.global_batch(world_size))
     tconfig.finalize_model_grads_func = _finalize_model_grads
     tconfig.no_sync_func = ddp_model.no_sync
     side = None
-    params = distilled_parameters(model)
     if params:
         side = DistilledRouterOptimizer(params, config, ps.get_data_parallel_group(with_context_parallel=True))
     return model, ddp_model, optimizer, scheduler, side
@@ -240,7 +248,7 @@ def prepare(config: RunConfig) -> Job:
     initialize_distributed(ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                          p.expert_model_parallel_size))
     seed_everything(config.training.seed)
-    model, ddp_model, optimizer, scheduler, side = build_model_and_optimizers(config, vocab, tokenizer)
+    model, ddp_model, optimizer, scheduler, side = build_model_and_optimizers(config, vocab, world_size)
     state = TrainState(layout=layout_of(config))
     job = Job(config, model, ddp_model, optimizer, scheduler, side, state, tokenizer,
               config.num_microbatches(world_size), config.global_batch(world_size),
