@@ -126,6 +126,8 @@ def pretrain(config: RunConfig) -> dict:
         _install_signal_handler(job)
         reporter.message(job.describe())
         results = _train_loop(job, reporter)
+        if job.probe is not None:
+            job.probe.finish(job, reporter)
         for split, factory in (("validation", job.valid_iterator), ("test", job.test_iterator)):
             if factory is not None and config.training.eval_iters > 0:
                 loss = evaluate(job, factory, config.training.eval_iters)
