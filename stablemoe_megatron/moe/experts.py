@@ -15,6 +15,8 @@ The gate is applied by the dispatcher's ``combine``, so the experts get probabil
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -67,6 +69,20 @@ class _NormModule(MegatronModule):
         self.norm = norm
 
 
+def _expert_weight_id(name: str):
+    """(local expert index, 1 or 2 for fc1/fc2) of an expert weight name, else (None, None).
+
+    SequentialMLP: ``local_experts.{j}.linear_fc{1,2}.weight``; TEGroupedMLP: ``linear_fc{1,2}.weight{j}``.
+    """
+    match = re.fullmatch(r"local_experts\.(\d+)\.linear_fc([12])\.weight", name) \
+        or re.fullmatch(r"linear_fc([12])\.weight(\d+)", name)
+    if match is None:
+        return None, None
+    if name.startswith("local_experts"):
+        return int(match.group(1)), int(match.group(2))
+    return int(match.group(2)), int(match.group(1))
+
+
 class ExpertStack(MegatronModule):
     """K sublayers of every local expert; returns each row's change ``z_K - input`` (see module doc).
 
@@ -82,18 +98,44 @@ class ExpertStack(MegatronModule):
         if not pre_norm and num_sublayers != 1:
             raise ValueError("expert stacks without pre-norm residual sublayers have one sublayer")
         self.pre_norm = pre_norm
-        self.sublayers = torch.nn.ModuleList([
-            build_module(experts_spec, num_local_experts, config, pg_collection=pg_collection)
-            for _ in range(num_sublayers)
-        ])
-        self.norms = torch.nn.ModuleList([
-            ExpertLayerNorms(config, num_local_experts, pg_collection) for _ in range(num_sublayers)
-        ]) if pre_norm else None
+        self.num_local_experts = num_local_experts
+        self.first_expert = pg_collection.ep.rank() * num_local_experts if pg_collection.ep is not None else 0
+        # Building the experts must not consume the main RNG stream: with expert parallelism each
+        # rank builds only its share, which would shift every later parameter's initialisation.
+        with torch.random.fork_rng(devices=[]):
+            self.sublayers = torch.nn.ModuleList([
+                build_module(experts_spec, num_local_experts, config, pg_collection=pg_collection)
+                for _ in range(num_sublayers)
+            ])
+            self.norms = torch.nn.ModuleList([
+                ExpertLayerNorms(config, num_local_experts, pg_collection) for _ in range(num_sublayers)
+            ]) if pre_norm else None
         # megatron marks expert weights allreduce=False only when EP > 1; with our expert TP of 1
         # the TP ranks route different tokens through replicas of the experts, so the grads must
         # always be reduced over the expert-data-parallel group (which includes the TP ranks).
         for param in self.parameters():
             param.allreduce = False
+
+    @torch.no_grad()
+    def initialize(self, seed: int, layer_number: int) -> None:
+        """(Re)initialise every expert weight from (seed, layer, sublayer, GLOBAL expert id, fc).
+
+        megatron's CPU initialisation draws the same numbers on every EP rank, so expert r*L+j
+        would equal expert j; seeding per global expert makes experts distinct and makes the
+        initial model independent of the expert-parallel size.
+        """
+        for sublayer_index, sublayer in enumerate(self.sublayers):
+            for name, param in sublayer.named_parameters():
+                local, fc = _expert_weight_id(name)
+                if local is None:
+                    continue
+                expert = self.first_expert + local
+                init = self.config.init_method if fc == 1 else self.config.output_layer_init_method
+                value = torch.empty(param.shape, dtype=torch.float32)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((seed, layer_number, sublayer_index, expert, fc)) % (2 ** 62))
+                    init(value)
+                param.copy_(value)
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """hidden [R, h] grouped by local expert; tokens_per_expert [L] CPU long -> [R, h]."""

@@ -122,6 +122,16 @@ class StableMoELayer(BaseMoELayer):
             self.last_decision = decision
         return output.view(hidden_states.shape), None
 
+    def set_layer_number(self, layer_number: int) -> None:
+        """Called once after construction (megatron's TransformerLayer / our MoE block).
+
+        Also the point where the layer's number is known, so the expert weights are
+        initialised here, per global expert (see ExpertStack.initialize); the seed is the run's
+        torch seed, identical on every rank.
+        """
+        super().set_layer_number(layer_number)
+        self.experts.initialize(torch.initial_seed(), layer_number)
+
     @property
     def stage(self) -> int:
         return getattr(self.router, "stage", 1)
