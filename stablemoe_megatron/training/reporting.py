@@ -5,6 +5,9 @@ MoE statistics are gathered from every rank at each log interval (one ``all_gath
 averaged over the interval's steps; balance / distillation / auxiliary / z losses are partial sums
 on sequence-parallel shards, so they are summed over TP and averaged over DP; agreement, mean gate
 and dropped fraction are averaged. Scalars are means over the interval's micro-batches.
+Each layer with token counts also gets its expert-load statistics
+(:func:`stablemoe_megatron.analysis.load.expert_load_statistics`: load_min/max/mean/cv,
+load_max_over_mean, dead_experts) and a dropped_fraction (0 for routers that never drop).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import time
 from typing import Dict, Optional
 
 import torch
+
+from stablemoe_megatron.analysis.load import expert_load_statistics
 
 SUMMED_OVER_TP = ("balance_loss", "distill_loss", "aux_loss", "z_loss")
 
@@ -51,6 +56,7 @@ def _merge(entries, steps: int) -> Dict[int, dict]:
         counts = [v["tokens_per_expert"] for _, _, v in items if "tokens_per_expert" in v]
         if counts:
             out["tokens_per_expert"] = [sum(c) / steps for c in zip(*counts)]
+            out.update(expert_load_statistics(out["tokens_per_expert"]))
         names = {k for _, _, v in items for k in v if k != "tokens_per_expert"}
         for name in sorted(names):
             if name in SUMMED_OVER_TP:
@@ -61,6 +67,8 @@ def _merge(entries, steps: int) -> Dict[int, dict]:
             else:
                 values = [v[name] for _, _, v in items if name in v]
                 out[name] = sum(values) / len(values)
+        if counts:
+            out.setdefault("dropped_fraction", 0.0)
         merged[layer] = out
     return merged
 
@@ -116,6 +124,12 @@ class Reporter:
                 parts.append(f"{label}: {value:.6E}")
         if r.get("grad_norm") is not None:
             parts.append(f"grad norm: {r['grad_norm']:.3f}")
+        worst = max((v["load_max_over_mean"] for v in moe.values() if "load_max_over_mean" in v), default=None)
+        if worst is not None:
+            parts.append(f"max/mean expert load: {worst:.2f}")
+        dead = sum(v.get("dead_experts", 0) for v in moe.values())
+        if dead:
+            parts.append(f"dead experts: {dead}")
         parts.append(f"tokens/s: {r['tokens_per_sec']:.0f}")
         parts.append(f"stage: {r['stage']}")
         if r.get("routing_changed") is not None:

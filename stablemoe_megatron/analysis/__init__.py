@@ -1,0 +1,16 @@
+"""Routing analysis: the routing probe (fluctuation tracking), expert-load statistics, reports.
+
+* :mod:`.fluctuation` - SPEC 5 as pure numpy: changed fraction, last fluctuation step, the curve.
+* :mod:`.load` - per-layer expert-load statistics (min/max/mean/CV, dead experts, max/mean).
+* :mod:`.history` - the probe history on disk (``RUN_DIR/routing_probe/``), survives resume.
+* :mod:`.probe` - :class:`~.probe.RoutingProbe`, driven by the trainer every N iterations.
+* :mod:`.report` - PNG plots and a markdown report over one or more run directories.
+"""
+from stablemoe_megatron.analysis.fluctuation import (  # noqa: F401
+    PERCENTS,
+    changed_fraction,
+    curve_at,
+    fluctuation_curve,
+    last_fluctuation_steps,
+)
+from stablemoe_megatron.analysis.load import expert_load_statistics  # noqa: F401

@@ -1,0 +1,69 @@
+"""Routing fluctuation (SPEC 5) as pure numpy functions over a probe history.
+
+A history is ``iterations`` [K] (strictly increasing training steps at which the probe ran) and
+``choices`` [K, n] (the expert of each of the n probe tokens at each probe, any integer dtype;
+a sentinel such as 255 for "no expert" is just another value).
+
+For each token, its *last fluctuation step* is the last recorded step at which its expert differs
+from its expert at the final recorded step (tokens that never differ have none, -1 here). The
+curve gives, for x = 0..100, the percentage of probe tokens whose last fluctuation step exceeds
+x% of training, ``step * 100 > x * total`` in integers (so 20% of 30 steps is exactly 6).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+
+PERCENTS = np.arange(101)
+NEVER = -1
+
+
+def changed_fraction(previous: np.ndarray, current: np.ndarray) -> float:
+    """Fraction of tokens whose expert differs between two probes ([n] each)."""
+    previous, current = np.asarray(previous), np.asarray(current)
+    if previous.shape != current.shape:
+        raise ValueError(f"probe shapes differ: {previous.shape} vs {current.shape}")
+    return float(np.mean(previous != current)) if current.size else 0.0
+
+
+def _check(iterations, choices):
+    iterations = np.asarray(iterations, dtype=np.int64)
+    choices = np.asarray(choices)
+    if choices.ndim != 2 or iterations.shape != (choices.shape[0],):
+        raise ValueError(f"need iterations [K] and choices [K, n]; got {iterations.shape} and {choices.shape}")
+    if iterations.size and np.any(np.diff(iterations) <= 0):
+        raise ValueError("probe iterations must be strictly increasing")
+    return iterations, choices
+
+
+def last_fluctuation_steps(iterations: Sequence[int], choices: np.ndarray) -> np.ndarray:
+    """[n] int64: each token's last recorded step whose expert differs from the final one, or -1."""
+    iterations, choices = _check(iterations, choices)
+    if choices.shape[0] == 0:
+        return np.full(choices.shape[1], NEVER, dtype=np.int64)
+    differs = choices != choices[-1]                      # [K, n]; the final row is all False
+    ever = differs.any(axis=0)
+    last_index = choices.shape[0] - 1 - np.argmax(differs[::-1], axis=0)
+    return np.where(ever, iterations[last_index], NEVER)
+
+
+def fluctuation_curve(iterations: Sequence[int], choices: np.ndarray, total: Optional[int] = None,
+                      percents: Iterable[int] = PERCENTS) -> np.ndarray:
+    """[len(percents)] float: % of tokens whose last fluctuation step exceeds x% of ``total``.
+
+    ``total`` is the length of training in steps; default the final recorded step.
+    """
+    iterations, choices = _check(iterations, choices)
+    percents = np.asarray(list(percents), dtype=np.int64)
+    if choices.shape[1] == 0 or choices.shape[0] == 0:
+        return np.zeros(percents.shape, dtype=np.float64)
+    total = int(iterations[-1]) if total is None else int(total)
+    steps = last_fluctuation_steps(iterations, choices)
+    exceeds = steps[None, :] * 100 > percents[:, None] * total   # integer comparison, no rounding
+    return 100.0 * exceeds.mean(axis=1)
+
+
+def curve_at(curve: Sequence[float], points: Iterable[int] = (20, 50, 80)) -> Dict[int, float]:
+    """{x: curve value} for a curve over x = 0..100 (the paper quotes 20/50/80%)."""
+    return {int(x): float(curve[int(x)]) for x in points}
