@@ -124,10 +124,12 @@ def train(args) -> dict:
             num_threads=args.num_threads,
             minloglevel=0 if args.verbose else 2,
         )
-    except RuntimeError as exc:  # e.g. "Vocabulary size too high" for a small input
+    except RuntimeError as exc:  # "Vocabulary size too high" (small input) or "smaller than required_chars"
+        message = str(exc).strip()
+        hint = ("a larger --vocab-size (every distinct character needs a piece) or a lower --character-coverage"
+                if "required_chars" in message else "a smaller --vocab-size or more --input text")
         raise ConfigError(
-            f"SentencePiece training failed: {str(exc).strip()}; with --vocab-size {args.vocab_size} "
-            "on this input, try a smaller --vocab-size or more --input text"
+            f"SentencePiece training failed with --vocab-size {args.vocab_size}: {message}; try {hint}"
         ) from None
     return {"sentences": len(sentences), "bad_records": bad[0], "model": args.model_prefix + ".model"}
 

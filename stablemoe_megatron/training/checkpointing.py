@@ -47,6 +47,7 @@ class TrainState:
     consumed_train_samples: int = 0
     stage: int = 1
     layout: dict = field(default_factory=dict)  # tp, pp, ep, dp, distributed optimizer
+    tokenizer_vocab_size: int = 0  # the model's embedding rows cover this many token ids
 
 
 def iteration_dir(root, iteration: int) -> Path:

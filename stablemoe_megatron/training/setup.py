@@ -72,11 +72,12 @@ def preflight(config: RunConfig, world_size: int):
         load_dir = resolve_load_dir(config.checkpoint.load)
         saved = config_from_yaml_text((load_dir / CONFIG_FILE).read_text())
         check_checkpoint_compatible(config, saved, load_dir)
-        saved_vocab = saved.model.padded_vocab_size(tokenizer.vocab_size, saved.parallel.tensor_model_parallel_size)
-        current_vocab = config.model.padded_vocab_size(tokenizer.vocab_size, config.parallel.tensor_model_parallel_size)
-        if current_vocab > saved_vocab and saved.parallel.tensor_model_parallel_size == config.parallel.tensor_model_parallel_size:
-            raise ConfigError(f"--tokenizer-model has {tokenizer.vocab_size} tokens, more than the checkpoint's model")
         saved_state = read_train_state(load_dir)
+        if saved_state.tokenizer_vocab_size and tokenizer.vocab_size > saved_state.tokenizer_vocab_size:
+            raise ConfigError(
+                f"the tokenizer (--tokenizer-model {config.data.tokenizer_model}) has {tokenizer.vocab_size} "
+                f"tokens, more than the {saved_state.tokenizer_vocab_size} the checkpoint's model (--load "
+                f"{config.checkpoint.load}) was built for: use the tokenizer the model was trained with")
     vocab = config.model.padded_vocab_size(tokenizer.vocab_size, config.parallel.tensor_model_parallel_size)
     data_lib.check_token_range(config.data, tokenizer.vocab_size)
     return tokenizer, vocab, load_dir, saved_state
@@ -249,7 +250,7 @@ def prepare(config: RunConfig) -> Job:
                                          p.expert_model_parallel_size))
     seed_everything(config.training.seed)
     model, ddp_model, optimizer, scheduler, side = build_model_and_optimizers(config, vocab, world_size)
-    state = TrainState(layout=layout_of(config))
+    state = TrainState(layout=layout_of(config), tokenizer_vocab_size=tokenizer.vocab_size)
     job = Job(config, model, ddp_model, optimizer, scheduler, side, state, tokenizer,
               config.num_microbatches(world_size), config.global_batch(world_size),
               ps.get_data_parallel_group(with_context_parallel=True))
@@ -268,6 +269,7 @@ def _resume(job: Job, load_dir, saved_state: TrainState) -> None:
     loaded = load_checkpoint(load_dir, job.ddp_model, job.optimizer, job.scheduler, job.side_optimizer,
                              layout=job.state.layout, load_optim=not config.checkpoint.no_load_optim)
     job.state.iteration = loaded.iteration
+    job.state.tokenizer_vocab_size = loaded.tokenizer_vocab_size or job.state.tokenizer_vocab_size
     job.state.consumed_train_samples = loaded.consumed_train_samples
     if loaded.stage == 2 or job.stage_two_due():
         job.enter_stage_two()  # after the weights are loaded: the frozen routing tables come from them
