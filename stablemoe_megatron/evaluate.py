@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from stablemoe_megatron.errors import ConfigError
-from stablemoe_megatron.train import _first_rank, _shutdown
+from stablemoe_megatron.entry import run_entry_point
 
 
 def _extra_args(argv):
@@ -68,21 +68,16 @@ def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int]) -> d
     from megatron.core import parallel_state as ps
 
     from stablemoe_megatron import data as data_lib
-    from stablemoe_megatron.parallel import ParallelSizes, initialize_distributed, seed_everything
     from stablemoe_megatron.training.checkpointing import load_checkpoint
     from stablemoe_megatron.training.loop import evaluate
     from stablemoe_megatron.training.reporting import Reporter
     from stablemoe_megatron.training.setup import (
-        Job, build_model_and_optimizers, layout_of, preflight, world_size_from_env)
+        Job, initialize_and_build, layout_of, preflight, world_size_from_env)
 
     world = world_size_from_env()
     config.checkpoint.load = None  # preflight's compatibility check is not needed: same config
     tokenizer, vocab, _, _ = preflight(config, world)
-    p = config.parallel
-    initialize_distributed(ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                         p.expert_model_parallel_size))
-    seed_everything(config.training.seed)
-    model, ddp, optimizer, scheduler, _ = build_model_and_optimizers(config, vocab, world)
+    model, ddp, optimizer, scheduler, _ = initialize_and_build(config, vocab, world)
     saved = load_checkpoint(load_dir, ddp, layout=layout_of(config), load_optim=False)
     if saved.stage == 2 or stage == 2:
         model.enter_stage_two()
@@ -104,15 +99,7 @@ def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int]) -> d
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        run(argv)
-    except ConfigError as exc:
-        if _first_rank():
-            print(f"stablemoe-eval: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        _shutdown()
-    return 0
+    return run_entry_point("stablemoe-eval", run, argv)
 
 
 if __name__ == "__main__":

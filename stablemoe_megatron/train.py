@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from stablemoe_megatron.errors import ConfigError, TrainingStopped
+from stablemoe_megatron.entry import run_entry_point
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -34,34 +34,8 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _first_rank() -> bool:
-    """User errors are the same on every rank: print them once."""
-    return _rank() == 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        run(argv)
-    except ConfigError as exc:
-        if _first_rank():
-            print(f"stablemoe-train: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingStopped as exc:
-        print(f"stablemoe-train: stopped: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        _shutdown()
-    return 0
-
-
-def _shutdown() -> None:
-    try:
-        import torch
-
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    except Exception:  # noqa: BLE001 - best effort at exit
-        pass
+    return run_entry_point("stablemoe-train", run, argv)
 
 
 if __name__ == "__main__":

@@ -237,19 +237,24 @@ def _install_frequency_hash_table(config: RunConfig, model, vocab_size: int) -> 
         layer.router.set_table(table.to(layer.router.table.device))
 
 
-def prepare(config: RunConfig) -> Job:
-    """Checks, then process groups, model, optimizers, resume, data: a ready :class:`Job`."""
-    from megatron.core import parallel_state as ps
-
+def initialize_and_build(config: RunConfig, vocab_size: int, world_size: int):
+    """Process groups, seeds, then :func:`build_model_and_optimizers` (after :func:`preflight`)."""
     from stablemoe_megatron.parallel import ParallelSizes, initialize_distributed, seed_everything
 
-    world_size = world_size_from_env()
-    tokenizer, vocab, load_dir, saved_state = preflight(config, world_size)
     p = config.parallel
     initialize_distributed(ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                          p.expert_model_parallel_size))
     seed_everything(config.training.seed)
-    model, ddp_model, optimizer, scheduler, side = build_model_and_optimizers(config, vocab, world_size)
+    return build_model_and_optimizers(config, vocab_size, world_size)
+
+
+def prepare(config: RunConfig) -> Job:
+    """Checks, then process groups, model, optimizers, resume, data: a ready :class:`Job`."""
+    from megatron.core import parallel_state as ps
+
+    world_size = world_size_from_env()
+    tokenizer, vocab, load_dir, saved_state = preflight(config, world_size)
+    model, ddp_model, optimizer, scheduler, side = initialize_and_build(config, vocab, world_size)
     state = TrainState(layout=layout_of(config), tokenizer_vocab_size=tokenizer.vocab_size)
     job = Job(config, model, ddp_model, optimizer, scheduler, side, state, tokenizer,
               config.num_microbatches(world_size), config.global_batch(world_size),
