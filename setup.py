@@ -30,6 +30,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "hf": ["tokenizers"],
         "dev": ["pytest", "pytest-timeout", "scipy", "tokenizers", "matplotlib", "safetensors"],
+        "report": ["matplotlib"],  # stablemoe-routing-report's plots
     },
     entry_points={
         "console_scripts": [
@@ -37,6 +38,7 @@ setup(
             "stablemoe-eval=stablemoe_megatron.evaluate:main",
             "stablemoe-train-tokenizer=stablemoe_megatron.cli.train_tokenizer:main",
             "stablemoe-preprocess-data=stablemoe_megatron.cli.preprocess_data:main",
+            "stablemoe-routing-report=stablemoe_megatron.cli.routing_report:main",
         ]
     },
 )

@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 
 PERCENTS = np.arange(101)
+QUOTED = (20, 50, 80)   # the values the paper quotes
 NEVER = -1
 
 
@@ -64,6 +65,38 @@ def fluctuation_curve(iterations: Sequence[int], choices: np.ndarray, total: Opt
     return 100.0 * exceeds.mean(axis=1)
 
 
-def curve_at(curve: Sequence[float], points: Iterable[int] = (20, 50, 80)) -> Dict[int, float]:
+def curve_at(curve: Sequence[float], points: Iterable[int] = QUOTED) -> Dict[int, float]:
     """{x: curve value} for a curve over x = 0..100 (the paper quotes 20/50/80%)."""
     return {int(x): float(curve[int(x)]) for x in points}
+
+
+def history_curves(history, train_iters: Optional[int] = None) -> dict:
+    """The ``routing_fluctuation`` record of a :class:`~.history.ProbeHistory`: per (layer, view)
+    the curve over x = 0..100 and the 20/50/80% values; "training" is the span up to the final
+    recorded probe (the last iteration of a finished run, which the trainer always probes)."""
+    iterations = history.iterations
+    final = int(iterations[-1]) if iterations.size else 0
+    blocks = history.all_choices()  # [K, slots, n]
+    layers = []
+    for slot, (layer, view) in enumerate(history.layout.slots):
+        curve = fluctuation_curve(iterations, blocks[:, slot], total=final)
+        entry = {"layer": layer, "view": view}
+        entry.update({f"after_{x}": v for x, v in curve_at(curve, QUOTED).items()})
+        entry["curve"] = [round(float(v), 4) for v in curve]
+        layers.append(entry)
+    return {"final_iteration": final, "train_iters": train_iters, "num_probes": int(iterations.size),
+            "num_tokens": history.layout.num_tokens, "percents": PERCENTS.tolist(), "layers": layers}
+
+
+def describe_curves(result: dict) -> str:
+    """The end-of-training message: the 20/50/80% values per layer and view."""
+    head = (f"routing fluctuation (SPEC 5) over {result['num_probes']} probes of {result['num_tokens']} tokens "
+            f"to iteration {result['final_iteration']}: % of probe tokens whose last expert change is after "
+            f"{' / '.join(f'{x}%' for x in QUOTED)} of training")
+    if result["num_probes"] < 2:
+        head += " (fewer than 2 probes: nothing to compare)"
+    lines = [head]
+    for entry in result["layers"]:
+        values = " / ".join(f"{entry[f'after_{x}']:.1f}%" for x in QUOTED)
+        lines.append(f"  layer {entry['layer']} {entry['view']}: {values}")
+    return "\n".join(lines)

@@ -137,7 +137,7 @@ class ProbeHistory:
         _atomic_write(path / PROBES, "".join(json.dumps(r) + "\n" for r in keep))
         (path / CURVE).unlink(missing_ok=True)
         if keep:
-            self._last = self._read_blocks()[-1]
+            self._last = self.all_choices()[-1]
         return len(keep), len(lines) - len(keep)
 
     def _start_fresh(self) -> None:
@@ -181,7 +181,7 @@ class ProbeHistory:
     def iterations(self) -> np.ndarray:
         return np.asarray([r["iteration"] for r in self.records], dtype=np.int64)
 
-    def _read_blocks(self) -> np.ndarray:
+    def all_choices(self) -> np.ndarray:
         """[K, slots, n] all choices (read from disk in file mode)."""
         shape = (len(self.layout.slots), self.layout.num_tokens)
         if self.directory is None:
@@ -192,7 +192,7 @@ class ProbeHistory:
 
     def choices(self, layer: int, view: str = "routed") -> np.ndarray:
         """[K, n] expert ids of (layer, view) at every probe."""
-        return self._read_blocks()[:, self.layout.slots.index((layer, view))]
+        return self.all_choices()[:, self.layout.slots.index((layer, view))]
 
     # -- tools ------------------------------------------------------------------------------------
     @classmethod

@@ -28,10 +28,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from stablemoe_megatron.analysis.fluctuation import PERCENTS, changed_fraction, curve_at, fluctuation_curve
+from stablemoe_megatron.analysis.fluctuation import QUOTED, changed_fraction, describe_curves, history_curves
 from stablemoe_megatron.analysis.history import CONFIG, CURVE, PROBE_DIR, Layout, ProbeHistory
-
-QUOTED = (20, 50, 80)
 
 
 def router_views(router) -> List[str]:
@@ -258,36 +256,6 @@ class RoutingProbe:
     def curves(self, train_iters: Optional[int] = None) -> dict:
         """SPEC-5 curves of every (layer, view) over the whole history (last rank)."""
         return history_curves(self.history, train_iters)
-
-
-def history_curves(history: ProbeHistory, train_iters: Optional[int] = None) -> dict:
-    """The ``routing_fluctuation`` record: per (layer, view) the curve over x = 0..100 and the
-    20/50/80% values, with "training" = the final recorded probe's iteration."""
-    iterations = history.iterations
-    final = int(iterations[-1]) if iterations.size else 0
-    layers = []
-    for layer, view in history.layout.slots:
-        curve = fluctuation_curve(iterations, history.choices(layer, view), total=final)
-        entry = {"layer": layer, "view": view}
-        entry.update({f"after_{x}": v for x, v in curve_at(curve, QUOTED).items()})
-        entry["curve"] = [round(float(v), 4) for v in curve]
-        layers.append(entry)
-    return {"final_iteration": final, "train_iters": train_iters, "num_probes": int(iterations.size),
-            "num_tokens": history.layout.num_tokens, "percents": PERCENTS.tolist(), "layers": layers}
-
-
-def describe_curves(result: dict) -> str:
-    """The end-of-training message: the 20/50/80% values per layer and view."""
-    head = (f"routing fluctuation (SPEC 5) over {result['num_probes']} probes of {result['num_tokens']} tokens "
-            f"to iteration {result['final_iteration']}: % of probe tokens whose last expert change is after "
-            f"{' / '.join(f'{x}%' for x in QUOTED)} of training")
-    if result["num_probes"] < 2:
-        head += " (fewer than 2 probes: nothing to compare)"
-    lines = [head]
-    for entry in result["layers"]:
-        values = " / ".join(f"{entry[f'after_{x}']:.1f}%" for x in QUOTED)
-        lines.append(f"  layer {entry['layer']} {entry['view']}: {values}")
-    return "\n".join(lines)
 
 
 def _short(record: dict) -> str:
