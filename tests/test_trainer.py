@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_fixtures import tiny_dataset
 from stablemoe_megatron.testing import run_distributed
@@ -67,3 +68,26 @@ def test_parallel_layouts_train_like_one_process_across_the_switch(name, data, t
         # pipeline parallelism megatron initialises each stage's layers from its own RNG draws.
         worst = max(abs(losses[i] - reference_losses[i]) for i in losses)
         assert worst < 2e-3, (name, worst)
+
+
+@pytest.mark.parametrize("extra", [{"--expert-model-parallel-size": 2}, {"--use-distributed-optimizer": True}],
+                         ids=["ep2", "dp2-distributed-optimizer"])
+def test_frozen_router_is_bitwise_unchanged_and_equal_on_all_ranks(extra, data):
+    """Frozen means frozen: after 12 stage-2 optimizer steps (Adam with weight decay) the distilled
+    routers equal their values at the switch, bit for bit, on every rank, and route a fixed token
+    set identically; they are in no optimizer."""
+    from trainer_cases import train_and_inspect_frozen_router
+
+    argv = tiny_flags(data, **extra, **{"--weight-decay": 0.1})
+    views = run_distributed(train_and_inspect_frozen_router, 2, args=(argv,))
+    for view in views:
+        assert view["stage"] == 2 and view["params"]
+        assert not any(view["requires_grad"]) and not view["in_megatron_optimizer"] and not view["side_optimizer"]
+        for now, at_switch in zip(view["params"], view["snapshot"]):
+            assert torch.equal(now, at_switch)
+        for table, routes in zip(view["tables"], view["routes"]):
+            assert torch.equal(table[: routes.numel()], routes)  # stage-2 routing = the distilled argmax
+    for a, b in zip(views[0]["params"], views[1]["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(views[0]["tables"], views[1]["tables"]):
+        assert torch.equal(a, b)

@@ -43,3 +43,31 @@ def train(argv):
 
 def losses_by_iteration(records) -> dict:
     return {r["iteration"]: r["lm_loss"] for r in records if "lm_loss" in r}
+
+
+def train_and_inspect_frozen_router(argv):
+    """Train through the switch; return this rank's view of the frozen distilled routers."""
+    import torch
+
+    from stablemoe_megatron.cli_args import parse_config
+    from stablemoe_megatron.training import setup
+    from stablemoe_megatron.training.loop import train_loop
+    from stablemoe_megatron.training.reporting import Reporter
+
+    config = parse_config(argv)
+    job = setup.prepare(config)
+    train_loop(job, Reporter(None, None, config.training.train_iters))
+    params = [p for r in job.model.distilled_routers() for p in r.distilled.parameters()]
+    in_optimizer = {id(p) for group in job.optimizer.param_groups for p in group["params"]}
+    probe = torch.arange(job.tokenizer.vocab_size).view(1, -1)
+    routes = [r.distilled.scores(probe).argmax(-1).squeeze(0) for r in job.model.distilled_routers()]
+    return {
+        "stage": job.state.stage,
+        "params": [p.detach().clone() for p in params],
+        "snapshot": [p.clone() for p in job.frozen_snapshot],
+        "requires_grad": [p.requires_grad for p in params],
+        "in_megatron_optimizer": any(id(p) in in_optimizer for p in params),
+        "side_optimizer": job.side_optimizer is not None,
+        "tables": [r.expert_table.clone() for r in job.model.distilled_routers()],
+        "routes": routes,
+    }

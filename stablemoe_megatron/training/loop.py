@@ -125,7 +125,7 @@ def pretrain(config: RunConfig) -> dict:
     try:
         _install_signal_handler(job)
         reporter.message(job.describe())
-        results = _train_loop(job, reporter)
+        results = train_loop(job, reporter)
         if job.probe is not None:
             job.probe.finish(job, reporter)
         for split, factory in (("validation", job.valid_iterator), ("test", job.test_iterator)):
@@ -147,7 +147,7 @@ def _install_signal_handler(job) -> None:
         signal.signal(signal.SIGUSR1, handler)
 
 
-def _train_loop(job: "setup.Job", reporter: Reporter) -> dict:
+def train_loop(job: "setup.Job", reporter: Reporter) -> dict:
     config, state = job.config, job.state
     train_iterator = job.train_iterator()
     interval_start, interval_steps = time.perf_counter(), 0
