@@ -33,6 +33,9 @@ Patches (``PATCHES`` maps name -> function):
   :class:`CpuRNGStatesTracker` and ``random._get_cuda_rng_state`` / ``random._set_cuda_rng_state``
   by CPU-generator versions: megatron's named RNG streams (model-parallel, expert-parallel,
   data-parallel) live on the CPU default generator, forked exactly as megatron forks CUDA ones.
+* ``moe_utils_te_names`` -- defines the transformer-engine names that
+  ``transformer/moe/moe_utils.py`` leaves undefined without TE (``te_general_gemm`` is read by
+  ``RouterGatingLinearFunction.forward``): megatron's own TopKRouter, used by our benchmark.
 """
 from __future__ import annotations
 
@@ -197,11 +200,37 @@ def _patch_rng_tracker() -> None:
     mc_random.initialize_rng_tracker(force_reset=True)
 
 
+# --------------------------------------------------------------------------------------------
+# moe_utils_te_names
+# --------------------------------------------------------------------------------------------
+
+_MOE_UTILS_TE_NAMES = (
+    "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+    "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+    "fused_topk_with_score_function", "fused_unpermute", "te_general_gemm",
+)
+
+
+def _patch_moe_utils_te_names() -> None:
+    """Define the transformer-engine names ``transformer/moe/moe_utils.py`` leaves undefined.
+
+    megatron-core 0.16.1 imports them only when TE is installed but
+    ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not None`` unconditionally
+    (NameError without TE). Only megatron's own TopKRouter needs this (our benchmark compares with it).
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_UTILS_TE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
 PATCHES: Dict[str, Callable[[], None]] = {
     "cuda_device_to_cpu": _patch_cuda_device_to_cpu,
     "current_device_is_cpu": _patch_current_device,
     "synchronize_is_noop": _patch_synchronize,
     "cpu_rng_tracker": _patch_rng_tracker,
+    "moe_utils_te_names": _patch_moe_utils_te_names,
 }
 
 

@@ -62,6 +62,15 @@ def probe_cpu_rng_tracker():
             "default_untouched": untouched}
 
 
+def probe_moe_utils_te_names():
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    torch.manual_seed(0)
+    inp, weight = torch.randn(5, 8), torch.randn(4, 8)
+    logits = router_gating_linear(inp, weight, None, torch.float32)
+    return {"max_error": float((logits - inp @ weight.t()).abs().max())}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("probe")
