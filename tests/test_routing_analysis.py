@@ -123,14 +123,16 @@ def test_history_round_trip_and_resume_truncation(tmp_path):
 
 
 def test_a_fresh_start_or_other_probe_tokens_start_a_new_history(tmp_path):
-    layout = _layout()
-    history, _ = ProbeHistory.open(tmp_path, layout, np.arange(6), 0)
+    layout, path = _layout(), tmp_path / "routing_probe"
+    history, _ = ProbeHistory.open(path, layout, np.arange(6), 0)
     history.append({"iteration": 5, "stage": 1, "layers": []}, _choices(1))
-    fresh, note = ProbeHistory.open(tmp_path, layout, np.arange(6), 0)   # a new run in the same directory
-    assert fresh.records == [] and (tmp_path / CHOICES).stat().st_size == 0
+    fresh, note = ProbeHistory.open(path, layout, np.arange(6), 0)   # a new run in the same directory
+    assert fresh.records == [] and (path / CHOICES).stat().st_size == 0 and "earlier run" in note
+    assert ProbeHistory.load(tmp_path / "routing_probe.prev").iterations.tolist() == [5]
     fresh.append({"iteration": 5, "stage": 1, "layers": []}, _choices(1))
-    other, note = ProbeHistory.open(tmp_path, layout, np.arange(6) + 1, 5)
-    assert other.records == [] and "moved" in note and (tmp_path.parent / (tmp_path.name + ".prev")).is_dir()
+    other, note = ProbeHistory.open(path, layout, np.arange(6) + 1, 5)   # resumed with other probe tokens
+    assert other.records == [] and "other probe tokens" in note
+    assert np.array_equal(ProbeHistory.load(path).tokens, np.arange(6) + 1)
 
 
 def test_in_memory_history_and_wide_expert_ids():

@@ -23,7 +23,7 @@ def flags(data, out_dir, router="stablemoe", probe=True, **extra) -> list:
             "--num-experts", "4", "--moe-router", router, "--moe-sublayers-per-expert", "1",
             "--data-path", data["prefix"], "--split", "90,10,0", "--tokenizer-model", data["tokenizer_model"],
             "--log-interval", "2", "--eval-interval", "1000", "--eval-iters", "0", "--seed", "7",
-            "--metrics-file", str(Path(out_dir) / "metrics.jsonl")]
+            "--metrics-file", str(Path(out_dir) / "metrics.jsonl"), "--tensorboard-dir", str(Path(out_dir) / "tb")]
     if router == "stablemoe":
         argv += ["--moe-stage2-start-iter", str(SWITCH_AT)]
     if probe:
@@ -105,6 +105,19 @@ def test_stablemoe_routing_is_exactly_still_after_the_switch(runs):
     assert {"load_min", "load_max", "load_mean", "load_cv", "load_max_over_mean", "dead_experts",
             "dropped_fraction"} <= set(stats)
     assert stats["load_mean"] == pytest.approx(8 * 32 / 4)
+
+
+def test_probe_and_load_scalars_reach_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["stablemoe"][0] / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"routing_probe/layer1/changed_fraction", "routing_probe/layer1/distill_agreement",
+            "routing_fluctuation/layer1/routed/after_20pct", "moe/layer1/load_cv", "moe/layer1/dead_experts",
+            "moe/layer1/load_max_over_mean"} <= tags
+    changed = [(e.step, e.value) for e in events.Scalars("routing_probe/layer1/changed_fraction")]
+    assert [step for step, _ in changed] == [8, 12, 16, 20] and changed[-1][1] == 0.0
 
 
 def test_probing_does_not_change_training(data, runs, tmp_path):

@@ -15,7 +15,9 @@ Directory ``RUN_DIR/routing_probe/`` (RUN_DIR: ``--save``, else the directory of
 * ``run_config.yaml`` - the run's configuration (the report reads the tokenizer from it).
 
 On resume only probes at or before the resumed iteration are kept (later blocks and lines are cut),
-so the history always matches the weights. Without a run directory the history lives in memory.
+so the history always matches the weights. A run starting at iteration 0, or resuming with other
+probe tokens or MoE layers, moves an existing history aside to ``routing_probe.prev/`` and starts a
+new one. Without a run directory the history lives in memory.
 """
 from __future__ import annotations
 
@@ -100,17 +102,17 @@ class ProbeHistory:
         path = history.directory
         note = None
         if (path / META).is_file():
-            if history._compatible():
+            if resume_iteration > 0 and history._compatible():
                 kept, dropped = history._reload(resume_iteration)
-                if kept or dropped:
-                    note = (f"routing probe history {path}: kept {kept} probes up to iteration {resume_iteration}"
-                            + (f", dropped {dropped} newer" if dropped else ""))
+                note = (f"routing probe history {path}: kept {kept} probes up to iteration {resume_iteration}"
+                        + (f", dropped {dropped} newer" if dropped else ""))
                 history._write_meta()
                 return history, note
             aside = path.with_name(path.name + ".prev")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
-            note = f"routing probe history {path} was for other probe tokens or layers; moved to {aside}"
+            why = "is for other probe tokens or MoE layers" if resume_iteration > 0 else "is from an earlier run"
+            note = f"routing probe history {path} {why}: moved to {aside}, starting a new one"
         history._start_fresh()
         return history, note
 
