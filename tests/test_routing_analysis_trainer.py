@@ -4,7 +4,6 @@ probe agrees across parallel layouts; the history survives resume; the report on
 import contextlib
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -6,11 +6,14 @@
 * :mod:`.probe` - :class:`~.probe.RoutingProbe`, driven by the trainer every N iterations.
 * :mod:`.report` - PNG plots and a markdown report over one or more run directories.
 """
-from stablemoe_megatron.analysis.fluctuation import (  # noqa: F401
+from stablemoe_megatron.analysis.fluctuation import (
     PERCENTS,
     changed_fraction,
     curve_at,
     fluctuation_curve,
     last_fluctuation_steps,
 )
-from stablemoe_megatron.analysis.load import expert_load_statistics  # noqa: F401
+from stablemoe_megatron.analysis.load import expert_load_statistics
+
+__all__ = ["PERCENTS", "changed_fraction", "curve_at", "expert_load_statistics", "fluctuation_curve",
+           "last_fluctuation_steps"]

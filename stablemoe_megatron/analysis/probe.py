@@ -18,9 +18,23 @@ Views recorded per MoE layer: ``routed`` (the expert the layer used; the highest
 Expert Choice, or "none"), and ``backbone`` / ``distilled`` (the learned router's greedy choice
 and the distilled token-id router's choice) where the router has a distilled router, or
 ``backbone`` (the top-probability expert) for Expert Choice.
+
+Logged (last rank), per probe, to the metrics JSONL (and ``probes.jsonl`` of the history)::
+
+    {"routing_probe": {"iteration": i, "stage": s, "num_tokens": n, "layers": [
+        {"layer": L, "changed_fraction": x,            # routed view vs the previous probe (null at the first)
+         "backbone_changed_fraction": y, "distilled_changed_fraction": z,   # where recorded
+         "distill_agreement": a,                       # backbone == distilled, where a distilled router
+         "no_expert_fraction": u, "tokens_per_expert": [N counts of probe tokens]}, ...]}}
+
+and TensorBoard ``routing_probe/layer{L}/{field}``; at the end of training (:meth:`RoutingProbe.finish`)
+``{"routing_fluctuation": {"final_iteration", "train_iters", "num_probes", "num_tokens", "percents":
+[0..100], "layers": [{"layer", "view", "after_20", "after_50", "after_80", "curve": [101 values]}]}}``,
+also written to ``routing_probe/fluctuation.json``, and TB ``routing_fluctuation/layer{L}/{view}/after_{x}pct``.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -242,8 +256,6 @@ class RoutingProbe:
             return None
         result = self.curves(job.config.training.train_iters)
         if self.history.directory is not None:
-            import json
-
             (self.history.directory / CURVE).write_text(json.dumps(result, indent=1))
         reporter.record({"routing_fluctuation": result})
         for entry in result["layers"]:

@@ -87,7 +87,8 @@ class RunData:
         for record in self.metrics:
             for layer, values in record["moe_layers"].items():
                 if "load_cv" in values:
-                    out[int(layer)] = dict({k: values[k] for k in LOAD_KEYS if k in values}, iteration=record["iteration"])
+                    stats = {k: values[k] for k in LOAD_KEYS if k in values}
+                    out[int(layer)] = dict(stats, iteration=record["iteration"])
         return out
 
 
