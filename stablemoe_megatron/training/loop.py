@@ -162,17 +162,21 @@ def train_loop(job: "setup.Job", reporter: Reporter) -> dict:
         state.iteration += 1
         state.consumed_train_samples += job.global_batch
         interval_steps += 1
+        probe_start = time.perf_counter()
         job.probe_routing(reporter)
+        interval_start += time.perf_counter() - probe_start  # probes are not training time
         if state.iteration % config.logging.log_interval == 0 or state.iteration == config.training.train_iters:
             elapsed = (time.perf_counter() - interval_start) / interval_steps
             _log_iteration(job, reporter, loss, grad_norm, elapsed, interval_steps)
             interval_start, interval_steps = time.perf_counter(), 0
+        pause_start = time.perf_counter()
         if config.training.eval_interval and state.iteration % config.training.eval_interval == 0 \
                 and job.valid_iterator is not None and state.iteration < config.training.train_iters:
             reporter.validation("validation", state.iteration,
                                 evaluate(job, job.valid_iterator, config.training.eval_iters))
         if _should_save(config, state.iteration, signalled):
             job.save(reporter)
+        interval_start += time.perf_counter() - pause_start  # neither are validation and saving
         if signalled or (config.training.exit_interval and state.iteration % config.training.exit_interval == 0):
             reporter.message(f"exiting at iteration {state.iteration} ({'signal' if signalled else '--exit-interval'})")
             return {"iteration": state.iteration, "exited_early": True}
