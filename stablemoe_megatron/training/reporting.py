@@ -22,6 +22,7 @@ import torch
 from stablemoe_megatron.analysis.load import expert_load_statistics
 
 SUMMED_OVER_TP = ("balance_loss", "distill_loss", "aux_loss", "z_loss")
+JSONL_LAYER_KEYS = ("tokens_per_expert", "balance_loss", "distill_loss", "distill_agreement", "aux_loss")
 
 
 def is_last_rank() -> bool:
@@ -101,7 +102,9 @@ class Reporter:
         """Print the Megatron iteration line and write TB scalars and a JSONL record."""
         if not self.active:
             return
-        record = dict(record, moe_layers={str(k): v for k, v in moe.items()})
+        # Every layer record names the standard losses; null = not produced by this router/stage.
+        layers = {str(k): {**{name: None for name in JSONL_LAYER_KEYS}, **v} for k, v in moe.items()}
+        record = dict(record, moe_layers=layers)
         self.record(record)
         self._tensorboard(record, moe)
         print(self._line(record, moe), flush=True)
@@ -148,7 +151,7 @@ class Reporter:
                 if isinstance(value, list):
                     for expert, count in enumerate(value):
                         self.writer.add_scalar(f"moe/layer{layer}/{name}/expert{expert}", count, step)
-                else:
+                elif value is not None:
                     self.writer.add_scalar(f"moe/layer{layer}/{name}", value, step)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
