@@ -91,3 +91,14 @@ def test_frozen_router_is_bitwise_unchanged_and_equal_on_all_ranks(extra, data):
         assert torch.equal(a, b)
     for a, b in zip(views[0]["tables"], views[1]["tables"]):
         assert torch.equal(a, b)
+
+
+def test_frequency_balanced_hash_table_comes_from_the_training_data(data):
+    from trainer_cases import hash_tables_after_training
+
+    argv = tiny_flags(data, **{"--moe-router": "hash", "--moe-hash-table": "frequency",
+                               "--moe-stage2-start-iter": False, "--train-iters": 2})
+    tables, expected = run_distributed(hash_tables_after_training, 1, args=(argv,))[0]
+    assert tables and all(torch.equal(t, expected) for t in tables)
+    counts = torch.bincount(expected, minlength=4)
+    assert counts.min() > 0  # every expert gets token ids

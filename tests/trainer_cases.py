@@ -71,3 +71,21 @@ def train_and_inspect_frozen_router(argv):
         "tables": [r.expert_table.clone() for r in job.model.distilled_routers()],
         "routes": routes,
     }
+
+
+def hash_tables_after_training(argv):
+    """(the hash routers' tables, the table built independently from the data's token counts)."""
+    from stablemoe_megatron import data as data_lib
+    from stablemoe_megatron.cli_args import parse_config
+    from stablemoe_megatron.routing import frequency_balanced_hash_table
+    from stablemoe_megatron.training import setup
+    from stablemoe_megatron.training.loop import train_loop
+    from stablemoe_megatron.training.reporting import Reporter
+
+    config = parse_config(argv)
+    job = setup.prepare(config)
+    train_loop(job, Reporter(None, None, config.training.train_iters))
+    vocab = job.model.moe_layers[0].router.table.numel()
+    expected = frequency_balanced_hash_table(data_lib.token_counts(config.data, vocab),
+                                             config.moe.num_experts, config.moe.hash_seed)
+    return [layer.router.table.clone() for layer in job.model.moe_layers], expected
