@@ -264,7 +264,7 @@ class SwitchRouter(TokenChoiceRouter):
     """Switch Transformer: top-1 of softmax(W h), gate = its probability, aux loss N sum f_i P_i."""
 
     def scores(self, hidden):
-        return hidden.float() @ self.weight.t()  # logits
+        return hidden.float() @ self.weight.float().t()  # logits
 
     def gate(self, logits, expert_ids):
         probs = routing.router_probs(logits)
@@ -363,7 +363,7 @@ class ExpertChoiceRouter(RouterBase):
         self._kth_count = 0
 
     def scores(self, hidden):
-        return hidden.float() @ self.weight.t()
+        return hidden.float() @ self.weight.float().t()
 
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
         logits = self.scores(inputs.hidden)
