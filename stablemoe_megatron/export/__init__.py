@@ -8,6 +8,8 @@
 * :mod:`.model`           ExportedGPT: runs an export with torch alone (logits, loss)
 * :mod:`.inference`       perplexity and greedy generation with an ExportedGPT
 * :mod:`.sharded`         import / reshard inside a process group (megatron's dist_checkpointing)
+* :mod:`.summary`         what a checkpoint holds (convert_checkpoint inspect)
+* :mod:`.convert`         import and reshard (top level)
 * :mod:`.world`           the CPU process group the command-line tool starts for import / reshard
 
 The command line is ``tools/convert_checkpoint.py`` (:mod:`stablemoe_megatron.cli.convert_checkpoint`).

@@ -1,0 +1,135 @@
+"""``stablemoe-convert-checkpoint`` / ``tools/convert_checkpoint.py``: inspect, reshard, export, import.
+
+    convert_checkpoint.py inspect  CKPT [--json]
+    convert_checkpoint.py reshard  CKPT OUT --tp 2 --pp 1 --ep 4 [--overwrite]
+    convert_checkpoint.py export   CKPT OUT_DIR [--stage 2] [--dtype bfloat16] [--tokenizer-model F ...]
+    convert_checkpoint.py import   EXPORT_DIR OUT --tp 1 --pp 2 --ep 2 [--overwrite]
+    convert_checkpoint.py perplexity EXPORT_DIR --input valid.jsonl [--seq-length 1024]
+    convert_checkpoint.py generate EXPORT_DIR --prompt "Once upon a time" [--max-new-tokens 40]
+
+CKPT is a run directory (``--save`` of training; the tracker names the latest iteration) or one
+``iter_*`` directory. reshard and import write a run directory (``OUT/iter_XXXXXXX`` + tracker)
+that ``--load`` accepts; they hold the model only (resume training with ``--no-load-optim``) and
+start their own CPU processes (``pp x lcm(tp, ep)``; no torchrun, no GPU). export writes one
+``model.safetensors`` + ``config.json`` + the tokenizer, independent of the training layout;
+perplexity and generate run such an export with plain torch. Exit code 2 with one message on
+bad input; see stablemoe_megatron/export/ for the formats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from stablemoe_megatron.errors import ConfigError
+
+PROG = "convert_checkpoint"
+
+
+def _layout_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (default 1)")
+    parser.add_argument("--ep", type=int, default=1, help="target expert-parallel size (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = sub.add_parser("inspect", help="config, iteration, stage, layout, parameter counts")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    reshard = sub.add_parser("reshard", help="torch_dist -> torch_dist at another TP/PP/EP (model only)")
+    reshard.add_argument("checkpoint")
+    reshard.add_argument("out")
+    _layout_flags(reshard)
+    export = sub.add_parser("export", help="torch_dist -> model.safetensors + config.json + tokenizer")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                        help="routing of the export: 2 = the frozen distilled router (default: the checkpoint's stage)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="store floating tensors in this dtype (default: as trained)")
+    for flag in ("--tokenizer-model", "--vocab-file", "--merge-file"):
+        export.add_argument(flag, default=None, help="tokenizer file, if it moved since training")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    imp = sub.add_parser("import", help="an export -> torch_dist at any TP/PP/EP (model only)")
+    imp.add_argument("export_dir")
+    imp.add_argument("out")
+    _layout_flags(imp)
+    ppl = sub.add_parser("perplexity", help="perplexity of an export on a text/jsonl file (plain torch)")
+    ppl.add_argument("export_dir")
+    ppl.add_argument("--input", required=True, help=".jsonl (\"text\" per line) or a plain text file")
+    ppl.add_argument("--seq-length", type=int, default=None, help="window length (default: training's)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    gen = sub.add_parser("generate", help="greedy continuation of a prompt with an export (plain torch)")
+    gen.add_argument("export_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    return parser
+
+
+def _log(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Execute one parsed command; raises ConfigError on bad input."""
+    if args.command == "inspect":
+        from stablemoe_megatron.export.summary import describe, format_summary
+
+        info = describe(args.checkpoint)
+        print(json.dumps(info, indent=1) if args.json else format_summary(info))
+    elif args.command in ("reshard", "import"):
+        from stablemoe_megatron.export.convert import import_export, reshard_checkpoint
+
+        _positive(args, "tp", "pp", "ep")
+        convert = reshard_checkpoint if args.command == "reshard" else import_export
+        source = args.checkpoint if args.command == "reshard" else args.export_dir
+        out = convert(source, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.overwrite, log=_log)
+        _log(f"wrote {out} (load it with --load {out}; training resumes with --no-load-optim)")
+    elif args.command == "export":
+        from stablemoe_megatron.export.exporter import export_checkpoint
+
+        files = {"tokenizer_model": args.tokenizer_model, "vocab_file": args.vocab_file,
+                 "merge_file": args.merge_file}
+        export_checkpoint(args.checkpoint, args.out, stage=args.stage, dtype=args.dtype,
+                          tokenizer_files={k: v for k, v in files.items() if v}, overwrite=args.overwrite, log=_log)
+        _log(f"wrote {args.out}")
+    elif args.command == "perplexity":
+        from stablemoe_megatron.export.inference import load, perplexity, read_documents, token_stream
+
+        _positive(args, "batch_size")
+        model, tokenizer = load(args.export_dir)
+        seq = args.seq_length or model.config.run_config.get("model", {}).get("seq_length") \
+            or model.config.max_position_embeddings
+        print(json.dumps(perplexity(model, token_stream(tokenizer, read_documents(args.input)), seq, args.batch_size)))
+    else:  # generate
+        from stablemoe_megatron.export.inference import generate_text, load
+
+        _positive(args, "max_new_tokens")
+        model, tokenizer = load(args.export_dir)
+        print(args.prompt + generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: 0 on success, 2 with one message on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
