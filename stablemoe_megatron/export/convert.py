@@ -58,7 +58,8 @@ def import_rank(export_dir: str, out_root: str, tp: int, pp: int, ep: int) -> in
     config = target_config(run, tp, pp, ep)
     state = build_target_state(config, _vocab_size(config, exported.tokenizer_vocab_size, exported.vocab_size))
     weights = SafetensorsFile(Path(export_dir) / WEIGHTS_FILE)
-    read = names.global_reader(weights.get, exported.num_attention_heads, exported.num_query_groups)
+    read = names.global_reader(weights.get, exported.num_attention_heads, exported.num_query_groups,
+                               exported.num_layers)
     count = fill_state(state, read, exported.tokenizer_vocab_size)
     source = exported.source
     stage = max(source.get("stage", 1), exported.moe.routing_stage if exported.moe else 1)

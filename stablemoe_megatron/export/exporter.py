@@ -93,7 +93,7 @@ Plan = List[Tuple[str, torch.dtype, Tuple[int, ...], str]]  # (exported name, dt
 
 
 def plan_tensors(ckpt: TorchDistCheckpoint, heads: int, groups: int, dtype: Optional[torch.dtype]) -> Plan:
-    """Every exported tensor with its source key, in file order (aligned; q/k/v adjacent)."""
+    """Every exported tensor with its source key, in file order (aligned; parts of one stored tensor adjacent)."""
     plan = []
     for key, info in ckpt.model_tensors().items():
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
@@ -121,15 +121,11 @@ def check_against_model(config: ExportedConfig, plan: Plan) -> None:
 def _write_weights(path: Path, ckpt: TorchDistCheckpoint, plan: Plan, heads: int, groups: int,
                    metadata: Dict[str, str]) -> None:
     writer = SafetensorsWriter(path, [(n, d, s) for n, d, s, _ in plan], metadata)
-    pending: Dict[str, torch.Tensor] = {}  # q/k/v parts read with their fused weight, not yet written
+    pending: Dict[str, torch.Tensor] = {}  # parts of a stored tensor (q/k/v, stacked layers) not yet written
     try:
         for name, dtype, _, key in plan:
             if name not in pending:
-                tensor = ckpt.read(key)
-                parts = names.export_names(key)
-                values = names.split_qkv(tensor, heads, groups) if len(parts) == 3 else [tensor]
-                pending.update(zip(parts, values))
-                del tensor, values
+                pending.update(names.exported_parts(key, ckpt.read(key), heads, groups))
             writer.write(name, pending.pop(name).to(dtype))
         writer.close()
     except BaseException:

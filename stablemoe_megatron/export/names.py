@@ -2,9 +2,10 @@
 
 A torch_dist checkpoint stores every model tensor ONCE under a layout-independent global key
 (megatron's ``ShardedTensor.key``: global layer numbers, the whole TP-unsplit tensor, experts
-stacked along a leading axis of size N). The export renames those keys (one rule each, below)
-and splits megatron's fused QKV weight into q/k/v; nothing else changes, so converting back is
-the same rules read the other way.
+stacked along a leading axis of size N; in a dense model megatron also stacks the layers: one
+``decoder.layers.<param>`` tensor with a leading axis of size L). The export renames those keys
+(one rule each, below), unstacks layers and splits megatron's fused QKV weight into q/k/v;
+nothing else changes, so converting back is the same rules read the other way.
 
 Exported names (``i`` = 0-based transformer layer, ``k`` = expert sublayer, N experts, V padded
 vocabulary, d hidden, F FFN size, P positions)::
@@ -60,6 +61,17 @@ RULES: List[Tuple[re.Pattern, str]] = [(re.compile(p), t) for p, t in (
     (_MOE + r"experts\.norms\.(\d+)\.experts\.norm\.(weight|bias)", r"layers.\1.moe.experts.\2.norm.\3"),
 )]
 QKV = re.compile(_L + r"self_attention\.linear_qkv\.weight")
+# megatron stacks the layers of a homogeneous (dense) decoder into one tensor per parameter:
+# key without a layer number, a leading axis of size num_layers.
+STACKED = re.compile(r"decoder\.layers\.(?!\d+\.)(.+)")
+
+
+def unstack(key: str, shape: Tuple[int, ...]) -> List[Tuple[str, Optional[int], Tuple[int, ...]]]:
+    """[(per-layer key, layer index or None, per-layer shape)] of a (possibly stacked) megatron key."""
+    match = STACKED.fullmatch(key)
+    if match is None:
+        return [(key, None, tuple(shape))]
+    return [(f"decoder.layers.{i}.{match.group(1)}", i, tuple(shape[1:])) for i in range(shape[0])]
 
 
 def is_model_key(key: str) -> bool:
@@ -142,24 +154,43 @@ def parameter_counts(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, int]:
 def exported_shapes(key_shapes: Dict[str, Tuple[int, ...]], heads: int, query_groups: int) -> Dict[str, Tuple[int, ...]]:
     """{exported name: shape} from {megatron model key: global shape}."""
     out = {}
-    for key, shape in key_shapes.items():
-        names = export_names(key)
-        if len(names) == 3:
-            head_dim = shape[0] // (heads + 2 * query_groups)
-            rows = (heads * head_dim, query_groups * head_dim, query_groups * head_dim)
-            out.update({n: (r, shape[1]) for n, r in zip(names, rows)})
-        else:
-            out[names[0]] = tuple(shape)
+    for stored_key, stored_shape in key_shapes.items():
+        for key, _, shape in unstack(stored_key, stored_shape):
+            names = export_names(key)
+            if len(names) == 3:
+                head_dim = shape[0] // (heads + 2 * query_groups)
+                rows = (heads * head_dim, query_groups * head_dim, query_groups * head_dim)
+                out.update({n: (r, shape[1]) for n, r in zip(names, rows)})
+            else:
+                out[names[0]] = tuple(shape)
     return out
 
 
-def global_reader(read: Callable[[str], torch.Tensor], heads: int, query_groups: int) -> Callable[[str], torch.Tensor]:
-    """A function megatron key -> global tensor, given ``read(exported name)`` (merges q/k/v)."""
-    def read_key(key: str) -> torch.Tensor:
+def exported_parts(key: str, tensor: torch.Tensor, heads: int, query_groups: int) -> Dict[str, torch.Tensor]:
+    """{exported name: tensor} of one stored megatron tensor (unstacks layers, splits QKV)."""
+    out = {}
+    for layer_key, index, _ in unstack(key, tuple(tensor.shape)):
+        value = tensor if index is None else tensor[index]
+        names = export_names(layer_key)
+        values = split_qkv(value, heads, query_groups) if len(names) == 3 else [value]
+        out.update(zip(names, values))
+    return out
+
+
+def global_reader(read: Callable[[str], torch.Tensor], heads: int, query_groups: int,
+                  num_layers: int) -> Callable[[str], torch.Tensor]:
+    """A function megatron key -> global tensor, given ``read(exported name)`` (merges q/k/v, stacks layers)."""
+    def read_layer_key(key: str) -> torch.Tensor:
         names = export_names(key)
         if len(names) == 3:
             return merge_qkv(*(read(n) for n in names), heads=heads, query_groups=query_groups)
         return read(names[0])
+
+    def read_key(key: str) -> torch.Tensor:
+        match = STACKED.fullmatch(key)
+        if match is None:
+            return read_layer_key(key)
+        return torch.stack([read_layer_key(f"decoder.layers.{i}.{match.group(1)}") for i in range(num_layers)])
     return read_key
 
 
