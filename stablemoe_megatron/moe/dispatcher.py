@@ -30,6 +30,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from stablemoe_megatron.routing.common import tokens_per_expert
+
 
 @dataclass
 class DispatchState:
@@ -109,7 +111,7 @@ class AllToAllDispatcher:
         if host_tokens_per_expert is not None:
             counts = host_tokens_per_expert.to(torch.long)
         else:
-            counts = _to_host(torch.bincount(expert_index, minlength=self.num_experts))
+            counts = _to_host(tokens_per_expert(expert_index, self.num_experts))  # the one sync
         state = DispatchState(sorted_token_index, order, hidden.shape[0], counts)
         if self.ep_size == 1:
             return permuted, state

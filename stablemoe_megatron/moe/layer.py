@@ -21,6 +21,7 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
+from stablemoe_megatron import routing
 from stablemoe_megatron.moe.config import MoEConfig
 from stablemoe_megatron.moe.dispatcher import AllToAllDispatcher
 from stablemoe_megatron.moe.experts import ExpertStack
@@ -47,7 +48,7 @@ class MoELayerMetrics:
         self.calls = 0
 
     def add(self, decision: RoutingDecision) -> None:
-        counts = torch.bincount(decision.expert_index, minlength=self.num_experts)
+        counts = routing.tokens_per_expert(decision.expert_index, self.num_experts)  # no device sync
         self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
         for name, value in decision.metrics.items():
             value = value.detach().float()

@@ -374,9 +374,10 @@ class ExpertChoiceRouter(RouterBase):
             full = self._gather_over_sequence(probs.detach())
             k = routing.expert_capacity(full.shape[0], self.num_experts, self.capacity_factor)
             token_index, expert_index, _ = routing.expert_choice_assignment(full, k)
-            rows = self._local_rows(num_local)
-            local = (token_index >= rows.start) & (token_index < rows.stop)
-            token_index, expert_index = token_index[local] - rows.start, expert_index[local]
+            if self._sequence_split():  # keep this rank's rows (a boolean mask: a device sync)
+                rows = self._local_rows(num_local)
+                local = (token_index >= rows.start) & (token_index < rows.stop)
+                token_index, expert_index = token_index[local] - rows.start, expert_index[local]
             self._accumulate_kth(routing.kth_largest_probs(full, k))
             if self.moe.z_loss_coeff:
                 aux = self.moe.z_loss_coeff * routing.z_loss(logits, self._counting_size(num_local))

@@ -18,8 +18,13 @@ def tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tenso
         num_experts: N.
     Returns:
         LongTensor ``[N]`` on ``expert_ids.device``; sums to T.
+
+    A scatter-add, not ``torch.bincount``: CUDA's bincount reads the ids' min and max back to the
+    host to size its output (two device syncs per call, i.e. per MoE layer and micro-batch).
     """
-    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
+    flat = expert_ids.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -91,7 +96,7 @@ def rank_within_group(group_ids: torch.Tensor, keys: torch.Tensor, num_groups: i
     """
     order = torch.sort(keys.detach(), descending=True, stable=True).indices
     order = order[torch.sort(group_ids[order], stable=True).indices]
-    group_sizes = torch.bincount(group_ids, minlength=num_groups)
+    group_sizes = tokens_per_expert(group_ids, num_groups)  # no device sync
     group_starts = torch.cumsum(group_sizes, 0) - group_sizes
     sorted_groups = group_ids[order]
     positions = torch.arange(order.numel(), device=order.device)
