@@ -215,3 +215,10 @@ def test_ablation_recipes_reject_unknown_variants(tmp_path, script, variable):
     env = dict(os.environ, DRY_RUN="1", RUN_DIR=str(tmp_path / "run"), **{variable: "7"})
     done = _run(f"examples/ablations/{script}", env)
     assert done.returncode == 2 and variable in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_examples_readme_lists_every_recipe():
+    readme = (REPO / "examples" / "README.md").read_text()
+    scripts = [*REPO.glob("examples/*.sh"), *REPO.glob("examples/ablations/*.sh"), *REPO.glob("slurm/*")]
+    missing = [p.name for p in scripts if f"`{p.name}`" not in readme]
+    assert not missing, f"examples/README.md does not list {missing}"
