@@ -38,6 +38,7 @@ setup(
             "stablemoe-eval=stablemoe_megatron.evaluate:main",
             "stablemoe-train-tokenizer=stablemoe_megatron.cli.train_tokenizer:main",
             "stablemoe-preprocess-data=stablemoe_megatron.cli.preprocess_data:main",
+            "stablemoe-convert-checkpoint=stablemoe_megatron.cli.convert_checkpoint:main",
             "stablemoe-routing-report=stablemoe_megatron.cli.routing_report:main",
         ]
     },
