@@ -96,7 +96,7 @@ def trained_checkpoint(tmp_path_factory) -> dict:
     """
     if "run" not in _TRAINED:
         from data_fixtures import tiny_dataset
-        from trainer_cases import tiny_flags, train
+        from trainer_cases import tiny_flags
 
         from stablemoe_megatron.testing import run_distributed
 

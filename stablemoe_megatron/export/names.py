@@ -192,8 +192,3 @@ def global_reader(read: Callable[[str], torch.Tensor], heads: int, query_groups:
             return read_layer_key(key)
         return torch.stack([read_layer_key(f"decoder.layers.{i}.{match.group(1)}") for i in range(num_layers)])
     return read_key
-
-
-def layer_of(name: str) -> Optional[int]:
-    match = re.match(r"layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
