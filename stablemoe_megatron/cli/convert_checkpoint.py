@@ -35,19 +35,21 @@ def _layout_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Inspect, reshard, export and import stablemoe-megatron checkpoints; run an export.",
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = sub.add_parser("inspect", help="config, iteration, stage, layout, parameter counts")
-    inspect.add_argument("checkpoint")
+    inspect.add_argument("checkpoint", help="run directory (--save of training) or one iter_* directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     reshard = sub.add_parser("reshard", help="torch_dist -> torch_dist at another TP/PP/EP (model only)")
-    reshard.add_argument("checkpoint")
-    reshard.add_argument("out")
+    reshard.add_argument("checkpoint", help="run directory or iter_* directory")
+    reshard.add_argument("out", help="new run directory (iter_* + tracker)")
     _layout_flags(reshard)
     export = sub.add_parser("export", help="torch_dist -> model.safetensors + config.json + tokenizer")
-    export.add_argument("checkpoint")
-    export.add_argument("out")
+    export.add_argument("checkpoint", help="run directory or iter_* directory")
+    export.add_argument("out", help="new directory: model.safetensors, config.json, tokenizer")
     export.add_argument("--stage", type=int, choices=(1, 2), default=None,
                         help="routing of the export: 2 = the frozen distilled router (default: the checkpoint's stage)")
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -56,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         export.add_argument(flag, default=None, help="tokenizer file, if it moved since training")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     imp = sub.add_parser("import", help="an export -> torch_dist at any TP/PP/EP (model only)")
-    imp.add_argument("export_dir")
-    imp.add_argument("out")
+    imp.add_argument("export_dir", help="a directory written by export")
+    imp.add_argument("out", help="new run directory (iter_* + tracker)")
     _layout_flags(imp)
     ppl = sub.add_parser("perplexity", help="perplexity of an export on a text/jsonl file (plain torch)")
     ppl.add_argument("export_dir")
