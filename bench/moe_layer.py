@@ -96,7 +96,8 @@ def _configs(sizes: dict, router: str):
     # no DDP here, so no main_grad buffers for TE's fused weight-gradient accumulation
     config = dataclasses.replace(config, gradient_accumulation_fusion=False,
                                  moe_token_dispatcher_type="allgather",
-                                 moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=AUX_LOSS_COEFF)
+                                 moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=AUX_LOSS_COEFF,
+                                 moe_router_dtype="fp32")  # our routers compute in fp32 too (bf16 runs)
     return config, moe
 
 

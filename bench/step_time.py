@@ -16,6 +16,10 @@ Variants, all built by the trainer's own setup from trainer flags and stepped by
 * ``dense``        the paper's "Standard Transformer" (no MoE block: fewer FLOPs), for scale;
 * optional ``switch`` / ``hash`` / ``base`` / ``expert-choice`` (capacity factor 1).
 
+A step is ``--accumulate`` micro-batches and one optimizer step. The MoE models hold N times the
+expert parameters of the dense equivalent, and the optimizer step costs per parameter, not per
+active FLOP: with few tokens per step (CPU sizes) that cost is visible in the ratio.
+
 Goal (issue #7): StableMoE step time <= 1.10 x the equal-FLOPs dense step.
 """
 from __future__ import annotations
@@ -63,7 +67,7 @@ ALL_VARIANTS = DEFAULT_VARIANTS + ("switch", "hash", "base", "expert-choice")
 def base_flags(size: dict) -> list:
     flags = ["--num-layers", size["layers"], "--hidden-size", size["hidden"], "--ffn-hidden-size", size["ffn"],
              "--num-attention-heads", size["heads"], "--seq-length", size["seq"],
-             "--micro-batch-size", size["micro"], "--global-batch-size", size["micro"],
+             "--micro-batch-size", size["micro"], "--global-batch-size", size["micro"] * size.get("accumulate", 1),
              "--train-iters", 100000, "--lr", "6e-4", "--lr-warmup-iters", 100, "--clip-grad", "0.1",
              "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--weight-decay", "0.01"]
     if size["bf16"]:
@@ -109,7 +113,7 @@ def run(size: dict, variants, repeats: int, warmup: int, verbose: bool = True) -
         log("check: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
     fns = {name: (lambda n=name: step(jobs[n], batches[n])) for name in variants}
     timings = time_interleaved(fns, repeats=repeats, warmup=warmup, inner=1)
-    tokens = size["micro"] * size["seq"]
+    tokens = size["micro"] * size["seq"] * size.get("accumulate", 1)
     reference = "dense-equal" if "dense-equal" in variants else variants[0]
     result = {"size": dict(size), "repeats": repeats, "warmup": warmup, "tokens_per_step": tokens,
               "reference": reference, "machine": machine_info(), "checks": checks, "variants": {}}
@@ -127,7 +131,8 @@ def run(size: dict, variants, repeats: int, warmup: int, verbose: bool = True) -
 def report(result: dict) -> str:
     s, ref = result["size"], result["reference"]
     lines = [f"training step ({s['layers']} layers, hidden {s['hidden']}, FFN {s['ffn']}, seq {s['seq']}, "
-             f"micro-batch {s['micro']} = {result['tokens_per_step']} tokens, {s['experts']} experts x "
+             f"{s.get('accumulate', 1)} micro-batch(es) of {s['micro']} = {result['tokens_per_step']} tokens, "
+             f"{s['experts']} experts x "
              f"{s['sublayers']} sublayers, {'bf16' if s['bf16'] else 'fp32'}); {result['repeats']} interleaved "
              f"rounds after {result['warmup']} warm-up; median [p25, p75]; ratio = per-round time / {ref}'s"]
     rows = []
@@ -150,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: paper on a GPU, tiny otherwise")
     p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=list(DEFAULT_VARIANTS))
     p.add_argument("--micro-batch-size", type=int, help="override the size's micro-batch")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per optimizer step (the Adam step over all parameters, which MoE models "
+                        "have more of, is amortised over more tokens)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -159,6 +167,7 @@ def main(argv=None) -> int:
     size = dict(SIZES[args.size or ("paper" if torch.cuda.is_available() else "tiny")])
     if args.micro_batch_size:
         size["micro"] = args.micro_batch_size
+    size["accumulate"] = args.accumulate
     result = run(size, args.variants, args.repeats, args.warmup)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()))
     print(report(result))

@@ -15,7 +15,8 @@ stablemoe_megatron.train``), one after the other, then writes into ``--output``:
 
 Equal compute: every variant sees the same tokens in the same order (same seed, data, global
 batch and iterations), with the same shared backbone (examples/common.sh ``SIZE=tiny``: 4 layers,
-d 128, FFN 512, 4 heads, seq 128, global batch 32, lr 1e-3, 10 % ... warm-up) and optimiser. All MoE variants add ONE
+d 128, FFN 512, 4 heads, seq 128, global batch 32, Adam (0.9, 0.98), lr 1e-3 with 10 % warm-up and
+linear decay, clip 0.1, dropout 0). All MoE variants add ONE
 MoE block after block L/2 of N=4 experts, each a stack of K=2 FFN sublayers, and are top-1
 (one expert stack per token: the same active FLOPs), except Expert Choice, run with capacity
 factor 1 (k = T/N tokens per expert: the same expert FLOPs per batch, on average one expert per
@@ -98,8 +99,9 @@ def train_flags(name: str, run_dir: Path, args) -> List[str]:
              "--test-data-path", data / "corpus_test_text_document",
              "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data / "spm.model",
              "--eval-interval", iters, "--eval-iters", args.eval_iters, "--log-interval", t["log_interval"],
-             "--metrics-file", run_dir / "metrics.jsonl", "--save", run_dir / "checkpoints",
-             "--save-interval", iters]
+             "--metrics-file", run_dir / "metrics.jsonl"]
+    if args.keep_checkpoints:  # the probe history then lives under the --save directory
+        flags += ["--save", run_dir / "checkpoints", "--save-interval", iters]
     _, moe = VARIANTS[name]
     if moe:
         experts = 1 if name == "dense-ffn" else t["experts"]
@@ -120,6 +122,12 @@ def finished(run_dir: Path) -> bool:
     return any(r.get("split") == "test" for r in read_jsonl(run_dir / "metrics.jsonl"))
 
 
+def probe_root(run_dir: Path) -> Path:
+    """Where the trainer put the routing-probe history: the --save directory if any, else the run's."""
+    saved = run_dir / "checkpoints"
+    return saved if (saved / "routing_probe").is_dir() else run_dir
+
+
 def run_variant(name: str, run_dir: Path, args, log=print) -> dict:
     """Train one variant (or reuse a finished run); returns {"command", "wall_s", "reused"}."""
     meta_path = run_dir / "run.json"
@@ -134,6 +142,7 @@ def run_variant(name: str, run_dir: Path, args, log=print) -> dict:
     env.setdefault("PYTHONWARNINGS", "ignore")
     log(f"{PROG}: {name}: training ({args.train_iters} iterations, {args.nproc} process(es)) -> {run_dir}/train.log")
     start = time.perf_counter()
+    load_start = os.getloadavg()
     with open(run_dir / "train.log", "w") as out:
         proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     wall = time.perf_counter() - start
@@ -141,10 +150,9 @@ def run_variant(name: str, run_dir: Path, args, log=print) -> dict:
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-20:]
         raise RuntimeError(f"{name}: the trainer exited with {proc.returncode} after {wall:.0f} s; "
                            f"last lines of {run_dir}/train.log:\n" + "\n".join(tail))
-    meta = {"command": " ".join(command[1:]), "wall_s": wall, "nproc": args.nproc}
+    meta = {"command": " ".join(command[1:]), "wall_s": wall, "nproc": args.nproc,
+            "load_average": {"start": load_start, "end": os.getloadavg()}}
     meta_path.write_text(json.dumps(meta, indent=1))
-    if not args.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(f"{PROG}: {name}: done in {wall / 60:.1f} min")
     return dict(meta, reused=False)
 
@@ -191,6 +199,12 @@ def summarize(name: str, run_dir: Path, meta: dict) -> dict:
     return row
 
 
+def _loads(out: Path) -> dict:
+    """Load averages recorded at the start and end of every run (a shared machine slows tokens/s)."""
+    return {d.name: json.loads((d / "run.json").read_text()).get("load_average")
+            for d in sorted(out.iterdir()) if (d / "run.json").exists()}
+
+
 def _quartiles(values):
     if len(values) < 2:
         return None
@@ -203,7 +217,7 @@ def _fmt(value, spec="{:.2f}") -> str:
 
 
 def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%" if value <= 1.0 else f"{value:.1f}%"
+    return "-" if value is None else f"{value:.1f}%"  # the trainer records percentages
 
 
 def results_table(rows: Sequence[dict]) -> str:
@@ -247,6 +261,25 @@ def plot_loss_curves(rows: Sequence[dict], path: Path) -> Optional[Path]:
     return path
 
 
+def machine_info() -> dict:
+    import platform
+
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    except ImportError:
+        pass
+    return info
+
+
 def write_results(rows: Sequence[dict], out: Path, args, total_wall: float) -> Dict[str, Path]:
     written = {}
     report_dir = out / "report"
@@ -256,7 +289,7 @@ def write_results(rows: Sequence[dict], out: Path, args, total_wall: float) -> D
         try:
             from stablemoe_megatron.analysis.report import write_report
 
-            written.update(write_report([out / r["variant"] for r in moe_runs], report_dir,
+            written.update(write_report([probe_root(out / r["variant"]) for r in moe_runs], report_dir,
                                         [r["variant"] for r in moe_runs]))
         except ImportError as exc:  # matplotlib missing: the table is still written
             print(f"{PROG}: routing report skipped ({exc})", file=sys.stderr)
@@ -276,6 +309,7 @@ def write_results(rows: Sequence[dict], out: Path, args, total_wall: float) -> D
     (out / "results.md").write_text("\n".join(md) + "\n")
     written["results.md"] = out / "results.md"
     (out / "results.json").write_text(json.dumps({"settings": settings, "total_wall_s": total_wall,
+                                                   "machine": machine_info(), "load_average": _loads(out),
                                                    "rows": rows}, indent=1))
     written["results.json"] = out / "results.json"
     return written
@@ -286,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=str(REPO / "runs" / "reproduce"), help="output directory")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
-    p.add_argument("--train-iters", type=int, default=400, help="iterations per variant (400: ~0.9 epoch)")
+    p.add_argument("--train-iters", type=int, default=300, help="iterations per variant (300 x 32 x 128 tokens: 0.69 epoch of the corpus)")
     p.add_argument("--nproc", type=int, default=2, help="trainer processes (expert parallel min(4, nproc))")
     p.add_argument("--eval-iters", type=int, default=12, help="validation/test batches of 32 x 128 (12: the whole valid set)")
     p.add_argument("--probe-interval", type=int, default=10, help="iterations between routing probes")
@@ -294,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-dir", default=str(REPO / "data" / "processed"), help="examples/prepare_corpus.sh output")
     p.add_argument("--fresh", action="store_true", help="delete --output first (default: reuse finished runs)")
-    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--keep-checkpoints", action="store_true", help="also save a checkpoint at the end of every run")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plots from finished runs")
     return p
 
