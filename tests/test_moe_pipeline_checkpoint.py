@@ -211,7 +211,7 @@ def _load_checkpoint(case, weights, ckpt_dir):
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
-@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)], ids=["ep2", "tp2sp"])
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1), (2, 2)], ids=["ep2", "tp2sp", "tp2xep2"])
 def test_dist_checkpoint_saved_at_world_2_loads_at_world_1(name, tp, ep, tmp_path):
     case = CHECKPOINT_CASES[name]
     weights = run_distributed(_checkpoint_reference, world_size=1, args=(case,))[0]

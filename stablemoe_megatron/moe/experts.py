@@ -44,6 +44,19 @@ class ExpertLayerNorms(SequentialMLP):
         for param in self.parameters():
             param.allreduce = False  # an expert parameter: reduced over the expert-DP group
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """SequentialMLP's expert mapping, with the TP part of each replica id set to 0.
+
+        The norms are built as plain (non-TP) modules, so megatron labels them with the attention
+        TP rank; with expert TP = 1 the TP ranks of an EP group hold DIFFERENT experts (as
+        megatron's expert weights, whose replica ids use the expert-TP rank, 0), not copies.
+        """
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for tensor in sharded.values():
+            pp, _, dp = tensor.replica_id
+            tensor.replica_id = (pp, 0, dp)
+        return sharded
+
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """hidden [R, h] grouped by local expert; tokens_per_expert [L] CPU long."""
         norms = [expert.norm for expert in self.local_experts]
