@@ -76,7 +76,7 @@ def train_step(job: "setup.Job", train_iterator):
         num_microbatches=job.num_microbatches, seq_length=job.config.model.seq_length,
         micro_batch_size=job.config.training.micro_batch_size, forward_only=False)
     loss = _mean_lm_loss(losses)
-    nonfinite, signalled = _stop_flags(loss, job.signalled)
+    nonfinite, signalled = _stop_flags(loss, job.preemption.received if job.preemption else False)
     if nonfinite:
         return loss, None, nonfinite, signalled  # no update: the weights stay the last good ones
     _, grad_norm, _ = job.optimizer.step()
@@ -120,12 +120,15 @@ def _last_stage_broadcast_group():
 # -- the job ---------------------------------------------------------------------------------------
 def pretrain(config: RunConfig) -> dict:
     """Train as configured; return the final validation/test losses (on every rank)."""
+    signals = _PreemptionSignal()  # installed first: a signal during start-up is not lost
     job = setup.prepare(config)
+    job.preemption = signals
     reporter = Reporter(config.logging.tensorboard_dir, config.logging.metrics_file, config.training.train_iters)
     try:
-        _install_signal_handler(job)
         reporter.message(job.describe())
         results = train_loop(job, reporter)
+        if results["exited_early"]:
+            return results  # preempted or --exit-interval: saved already; leave within the grace period
         if job.probe is not None:
             job.probe.finish(job, reporter)
         for split, factory in (("validation", job.valid_iterator), ("test", job.test_iterator)):
@@ -139,12 +142,20 @@ def pretrain(config: RunConfig) -> dict:
         reporter.close()
 
 
-def _install_signal_handler(job) -> None:
-    def handler(signum, frame):  # noqa: ARG001 - signal API
-        job.signalled = True
+class _PreemptionSignal:
+    """SIGUSR1 (Slurm's ``--signal=USR1@T``) asks for a checkpoint and a clean exit.
 
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, handler)
+    The flag is read once per iteration and combined over all ranks (one all-reduce with the NaN
+    check), so every rank saves the same iteration and stops together.
+    """
+
+    def __init__(self):
+        self.received = False
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._handler)
+
+    def _handler(self, signum, frame):  # noqa: ARG002 - signal API
+        self.received = True
 
 
 def train_loop(job: "setup.Job", reporter: Reporter) -> dict:

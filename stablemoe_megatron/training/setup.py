@@ -110,7 +110,7 @@ class Job:
     train_iterator: Callable = None
     valid_iterator: Optional[Callable] = None
     test_iterator: Optional[Callable] = None
-    signalled: bool = False
+    preemption: object = None  # loop._PreemptionSignal
     frozen_snapshot: List[torch.Tensor] = field(default_factory=list)
     probe: object = None
 
