@@ -1,7 +1,8 @@
 #!/bin/bash
 # Hash layer baseline: a fixed token-id -> expert table. HASH_TABLE=random|frequency
 #   SIZE=tiny|base|large
+# shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
-MOE_ARGS=(--num-experts $EXPERTS --moe-router hash --moe-hash-table ${HASH_TABLE:-random}
-          --moe-layer-positions ${POSITIONS:-middle} --moe-sublayers-per-expert $SUBLAYERS)
+MOE_ARGS=(--num-experts "$EXPERTS" --moe-router hash --moe-hash-table "${HASH_TABLE:-random}"
+          --moe-layer-positions "${POSITIONS:-middle}" --moe-sublayers-per-expert "$SUBLAYERS")
 run_training "${MOE_ARGS[@]}" "$@"

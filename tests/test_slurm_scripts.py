@@ -109,10 +109,10 @@ def test_dry_run_prints_each_nodes_torchrun_command(fake_slurm):
     commands = _torchrun_lines(done.stdout)
     assert len(commands) == 2
     for node, command in enumerate(commands):
-        assert command[:13] == ["torchrun", "--nproc-per-node", "8", "--nnodes", "2", "--rdzv-backend", "c10d",
-                                "--rdzv-endpoint", "node001:21234", "--node-rank", str(node),
-                                "-m", "stablemoe_megatron.train"]
-        config = parse_config(command[13:])
+        assert command[:15] == ["torchrun", "--nproc-per-node", "8", "--nnodes", "2", "--rdzv-id", "1234",
+                                "--rdzv-backend", "c10d", "--rdzv-endpoint", "node001:21234", "--node-rank",
+                                str(node), "-m", "stablemoe_megatron.train"]
+        config = parse_config(command[15:])
         config.validate(world_size=16)
         assert (config.model.num_layers, config.model.hidden_size, config.moe.num_experts) == (12, 768, 32)
         assert config.moe.router == "stablemoe" and config.moe.stage2_start_iter == 6000

@@ -4,7 +4,7 @@
 # for all of them, as in the paper's comparison (15K of 60K steps). The paper's 2- and 3-layer
 # Transformer routers need a router-depth flag the trainer does not have (the 1-layer one is built).
 # Calls examples/pretrain_stablemoe.sh.
-#   DISTILL_ROUTER=wordemb|cnn|transformer (default wordemb)  STAGE1_FRACTION (default 0.25)  SIZE=tiny|base|large
+#   DISTILL_ROUTER=wordemb|cnn|transformer (default wordemb)  DISTILL_LAYERS=1..3  STAGE1_FRACTION (default 0.25)  SIZE=tiny|base|large
 set -euo pipefail
 DISTILL_ROUTER=${DISTILL_ROUTER:-wordemb}
 case "$DISTILL_ROUTER" in

@@ -72,7 +72,8 @@ def moe_export(run_config, stage: int) -> Optional[MoEExport]:
     distilled = moe.effective_distill_router
     return MoEExport(num_experts=moe.num_experts, router=moe.router, routing_stage=stage,
                      expert_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size, layers=layers,
-                     distilled_router={"kind": distilled, "dim": moe.distill_dim} if distilled else None)
+                     distilled_router={"kind": distilled, "dim": moe.distill_dim, "layers": moe.distill_layers}
+                     if distilled else None)
 
 
 def build_config(ckpt: TorchDistCheckpoint, vocab_rows: int, stage: int, dtype: str, tokenizer: dict) -> ExportedConfig:

@@ -153,7 +153,9 @@ class MoE(nn.Module):
             from stablemoe_megatron.routing.distilled import build_distilled_router
 
             spec = moe.distilled_router
-            self.distilled = build_distilled_router(spec["kind"], config.vocab_size, moe.num_experts, spec["dim"])
+            options = {"num_layers": spec.get("layers", 1)} if spec["kind"] != "wordemb" else {}
+            self.distilled = build_distilled_router(spec["kind"], config.vocab_size, moe.num_experts,
+                                                    spec["dim"], **options)
         self.experts = nn.ModuleList([ExpertSublayer(config, moe, paper_block) for _ in range(sublayers)])
 
     def route(self, flat: torch.Tensor, token_ids: torch.Tensor):

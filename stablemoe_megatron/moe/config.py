@@ -45,6 +45,8 @@ class MoEConfig:
         "help": "token-id router distilled in stage 1 and frozen in stage 2 (default: wordemb for "
                 "stablemoe, none for the others)", "choices": DISTILL_ROUTERS})
     distill_dim: int = field(default=50, metadata={"help": "distilled router feature size"})
+    distill_layers: int = field(default=1, metadata={
+        "help": "layers of the cnn / transformer distilled router (paper Table 6: 1-3)"})
     stage2_start_iter: Optional[int] = field(default=None, metadata={
         "help": "iteration at which the distilled router is frozen and routes (stage 2); absent = "
                 "never", "aliases": ("--two-stage-updates",)})
@@ -112,6 +114,8 @@ class MoEConfig:
                     f"lower it, or omit it to train in stage 1 only")
         if self.expert_capacity_factor is not None and self.expert_capacity_factor <= 0:
             raise ConfigError("--moe-expert-capacity-factor must be > 0")
+        if not 1 <= self.distill_layers <= 3:
+            raise ConfigError("--moe-distill-layers must be 1, 2 or 3")
         if self.distill_dim < 1:
             raise ConfigError("--moe-distill-dim must be >= 1")
 

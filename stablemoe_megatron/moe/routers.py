@@ -141,7 +141,8 @@ class TokenChoiceRouter(RouterBase):
         if kind is not None:
             from stablemoe_megatron.routing.distilled import build_distilled_router
 
-            self.distilled = build_distilled_router(kind, vocab_size, self.num_experts, moe.distill_dim)
+            options = {"num_layers": moe.distill_layers} if kind != "wordemb" else {}
+            self.distilled = build_distilled_router(kind, vocab_size, self.num_experts, moe.distill_dim, **options)
             self._mark_replicated(self.distilled)
         self.frozen = False
         self._host_table: Optional[torch.Tensor] = None

@@ -33,7 +33,7 @@ SHAPE_FIELDS = {
     "model": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "normalization",
               "position_embedding_type", "untie_embeddings_and_output_weights"),
     "moe": ("num_experts", "router", "layer_positions", "layer_freq", "sublayers_per_expert",
-            "expert_ffn_hidden_size", "distill_router", "distill_dim"),
+            "expert_ffn_hidden_size", "distill_router", "distill_dim", "distill_layers"),
 }
 
 
