@@ -190,7 +190,7 @@ def train_loop(job: "setup.Job", reporter: Reporter) -> dict:
         interval_start += time.perf_counter() - pause_start  # neither are validation and saving
         if signalled or (config.training.exit_interval and state.iteration % config.training.exit_interval == 0):
             reporter.message(f"exiting at iteration {state.iteration} ({'signal' if signalled else '--exit-interval'})")
-            return {"iteration": state.iteration, "exited_early": True}
+            return {"iteration": state.iteration, "exited_early": state.iteration < config.training.train_iters}
     if config.checkpoint.save and not _should_save(config, state.iteration, False):
         job.save(reporter)
     return {"iteration": state.iteration, "exited_early": False}
@@ -205,7 +205,7 @@ def _should_save(config: RunConfig, iteration: int, signalled: bool) -> bool:
 
 
 def _log_iteration(job, reporter: Reporter, loss, grad_norm, elapsed: float, steps: int) -> None:
-    moe = gather_moe_metrics(job.model, steps) if job.model.moe_layers or job.config.moe.enabled else {}
+    moe = gather_moe_metrics(job.model, steps) if job.config.moe.enabled else {}  # collective: same on all ranks
     job.check_frozen()
     seq = job.config.model.seq_length
     record = {
