@@ -119,7 +119,7 @@ def initialize_parallel_state(sizes: ParallelSizes, timeout_minutes: int = 30) -
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_parallel_state()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tensor,
         pipeline_model_parallel_size=sizes.pipeline,
@@ -174,7 +174,29 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy_parallel_state() -> None:
-    """Tear down parallel_state (the default process group is left to its owner)."""
+    """Tear down parallel_state and destroy its process groups (the default group is left to its owner).
+
+    megatron-core's ``destroy_model_parallel`` only forgets its groups; torch.distributed keeps
+    them (and each gloo group keeps three threads) until ``destroy_process_group``. A process that
+    rebuilds parallel_state many times (the test worker pools, a driver running several jobs)
+    would otherwise accumulate thousands of gloo threads.
+    """
+    global _HOST_EP_GROUP
+    import gc
+
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    _HOST_EP_GROUP = None
+    if torch.distributed.is_initialized():
+        for group in _subgroups():
+            torch.distributed.destroy_process_group(group)
+    gc.collect()  # groups referenced from reference cycles (modules, optimizers) go now
+
+
+def _subgroups() -> list:
+    """Every process group of this rank except the default one."""
+    from torch.distributed import distributed_c10d
+
+    world = torch.distributed.group.WORLD
+    return [group for group in list(distributed_c10d._world.pg_map) if group is not world]

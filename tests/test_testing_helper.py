@@ -54,3 +54,20 @@ def test_a_hung_collective_times_out():
     with pytest.raises(DistributedTestError, match=r"timed out after 5s waiting for rank\(s\) \[0\]"):
         run_distributed(_hang_on_rank_zero, world_size=2, timeout=5)
     assert run_distributed(_layout, world_size=2)[0]["rank"] == 0
+
+
+def _thread_count():
+    import os
+
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs /proc")
+def test_rebuilding_parallel_state_does_not_leak_process_groups():
+    """Each job rebuilds parallel_state in the persistent workers; its gloo groups (three threads
+    each) must be destroyed with it, or a long test session drowns in idle gloo threads."""
+    first = run_distributed(_thread_count, world_size=2, tp=2)
+    for _ in range(4):
+        later = run_distributed(_thread_count, world_size=2, ep=2)
+    assert later == run_distributed(_thread_count, world_size=2, tp=2)
+    assert max(later) <= max(first) + 8, (first, later)
