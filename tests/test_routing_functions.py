@@ -15,7 +15,7 @@ from stablemoe_megatron.routing import (
     balance_loss, capacity_keep_mask, centroid_scores, distillation_agreement, distillation_loss,
     distilled_assignment, expert_capacity, expert_capacity_per_expert, expert_choice_assignment,
     frequency_balanced_hash_table, get_routing, greedy_assignment, hash_assignment,
-    kth_largest_probs, random_hash_table, router_probs, routing_names, sigmoid_gate,
+    kth_largest_probs, random_hash_table, router_probs, routing_names, sigmoid_gate, chosen_sigmoid_gate,
     switch_aux_loss, threshold_assignment, tokens_per_expert, top1, z_loss,
 )
 
@@ -111,6 +111,29 @@ def test_centroid_scores_low_precision_in_float32():
     scores = centroid_scores(hidden, centroids)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, hidden.float() @ centroids.float().t())
+
+
+@pytest.mark.parametrize("num_tokens,num_experts", SIZES)
+def test_chosen_sigmoid_gate_equals_the_gate_from_all_scores(num_tokens, num_experts):
+    """Stage 2 computes only the chosen expert's score; value and gradients as from the [T, N] scores."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    results = []
+    for full in (True, False):
+        hidden = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        centroids = torch.randn(num_experts, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        hidden.requires_grad_(True)
+        centroids.requires_grad_(True)
+        expert_ids = torch.randint(num_experts, (num_tokens,), generator=torch.Generator().manual_seed(3))
+        gates = (sigmoid_gate(centroid_scores(hidden, centroids), expert_ids) if full
+                 else chosen_sigmoid_gate(hidden, centroids, expert_ids))
+        upstream = torch.randn(num_tokens, generator=generator, dtype=torch.float64)
+        (gates * upstream).sum().backward()
+        generator = torch.Generator().manual_seed(num_tokens)
+        results.append((gates.detach(), hidden.grad, centroids.grad))
+    for reference, value in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+    bf16 = chosen_sigmoid_gate(torch.randn(4, 6).bfloat16(), torch.randn(3, 6).bfloat16(), torch.tensor([0, 2, 1, 0]))
+    assert bf16.dtype == torch.float32
 
 
 def test_greedy_ties_pick_lowest_index():

@@ -244,17 +244,28 @@ def plot_loss_curves(rows: Sequence[dict], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    reference = next((dict(r["loss_curve"]) for r in rows if r["variant"] == "dense" and r["loss_curve"]), None)
+    fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(12 if reference else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for r in rows:
         if r["loss_curve"]:
             xs, ys = zip(*r["loss_curve"])
             ax.plot(xs, ys, label=r["variant"], linewidth=1.2)
+            if reference:
+                pts = [(x, y - reference[x]) for x, y in r["loss_curve"] if x in reference]
+                axes[0][1].plot(*zip(*pts), label=r["variant"], linewidth=1.2)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("training LM loss")
+    ax.set_ylabel("training LM loss (mean of the log interval)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("training loss (equal tokens, same order)")
+    if reference:
+        axes[0][1].set_xlabel("iteration")
+        axes[0][1].set_ylabel("loss - dense loss (same batches)")
+        axes[0][1].axhline(0.0, color="black", linewidth=0.6)
+        axes[0][1].grid(alpha=0.3)
+        axes[0][1].set_title("difference to the dense model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -111,8 +111,8 @@ class StableMoELayer(BaseMoELayer):
         """hidden_states [S_local, B, h] -> (MoE output [S_local, B, h], None)."""
         inputs = self.router_inputs(hidden_states)
         decision = self.router(inputs)
-        expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index,
-                                                       decision.expert_index, decision.host_tokens_per_expert)
+        expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index, decision.expert_index,
+                                                       decision.host_tokens_per_expert, decision.one_pair_per_token)
         expert_output = self.experts(expert_input, state.tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output, state, decision.gates)
         if self.training and decision.aux_loss.requires_grad:

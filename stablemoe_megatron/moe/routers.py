@@ -38,6 +38,8 @@ class RoutingDecision:
     host_tokens_per_expert: [N] CPU counts when known without a device sync, else None.
     metrics: detached scalars for logging (loss values, agreement, mean gate ...).
     top1_expert_ids: [T] the router's own top-1 choice (stage-1 teacher), or None.
+    one_pair_per_token: token_index is ``arange(T)`` (top-1 routing, nothing dropped): the
+        dispatcher's sort by expert is then a permutation of the tokens (a faster path).
     """
 
     token_index: torch.Tensor
@@ -47,6 +49,7 @@ class RoutingDecision:
     host_tokens_per_expert: Optional[torch.Tensor] = None
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     top1_expert_ids: Optional[torch.Tensor] = None
+    one_pair_per_token: bool = False
 
 
 @dataclass
@@ -159,6 +162,10 @@ class TokenChoiceRouter(RouterBase):
     def gate(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def chosen_gate(self, hidden: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Gates [T] of given experts (stage 2); subclasses may skip the [T, N] scores."""
+        return self.gate(self.scores(hidden), expert_ids)
+
     # -- distilled router ----------------------------------------------------------------------
     @property
     def stage(self) -> int:
@@ -202,26 +209,26 @@ class TokenChoiceRouter(RouterBase):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
-        scores = self.scores(inputs.hidden)
-        num_tokens = scores.shape[0]
         host_counts, teacher = None, None
         if self.frozen:
             expert_ids, host_counts = self.distilled_expert_ids(inputs)
-            gates = self.gate(scores, expert_ids)
-            aux_loss, metrics = scores.new_zeros(()), {}
+            gates = self.chosen_gate(inputs.hidden, expert_ids)
+            aux_loss, metrics = gates.new_zeros((), dtype=torch.float32), {}
         else:
-            expert_ids, gates, aux_loss, metrics = self.assign(scores)
+            expert_ids, gates, aux_loss, metrics = self.assign(self.scores(inputs.hidden))
             teacher = expert_ids
             if self.distilled is not None:
                 aux_loss = aux_loss + self._distill(inputs, expert_ids, metrics)
-        token_index = torch.arange(num_tokens, device=scores.device)
+        token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
+        one_pair_per_token = True
         if self.moe.expert_capacity_factor is not None and self.training:
             keep = self._capacity_keep(expert_ids, gates)
             token_index, expert_ids, gates = token_index[keep], expert_ids[keep], gates[keep]
-            host_counts = None
+            host_counts, one_pair_per_token = None, False
             metrics["dropped_fraction"] = 1.0 - keep.float().mean()
         metrics["mean_gate"] = _mean_gate(gates)
-        return RoutingDecision(token_index, expert_ids, gates, aux_loss, host_counts, metrics, teacher)
+        return RoutingDecision(token_index, expert_ids, gates, aux_loss, host_counts, metrics, teacher,
+                               one_pair_per_token)
 
     def _distill(self, inputs: RouterInputs, teacher_ids: torch.Tensor, metrics) -> torch.Tensor:
         student = self.distilled_scores(inputs)
@@ -252,6 +259,9 @@ class StableMoERouter(TokenChoiceRouter):
 
     def gate(self, scores, expert_ids):
         return routing.sigmoid_gate(scores, expert_ids)
+
+    def chosen_gate(self, hidden, expert_ids):
+        return routing.chosen_sigmoid_gate(hidden, self.weight, expert_ids)
 
     def assign(self, scores):
         expert_ids = routing.greedy_assignment(scores)
@@ -297,6 +307,9 @@ class BaseLayerRouter(TokenChoiceRouter):
     def gate(self, scores, expert_ids):
         return routing.sigmoid_gate(scores, expert_ids)
 
+    def chosen_gate(self, hidden, expert_ids):
+        return routing.chosen_sigmoid_gate(hidden, self.weight, expert_ids)
+
     def assign(self, scores):
         if not self.training:
             expert_ids = routing.greedy_assignment(scores)
@@ -339,7 +352,8 @@ class HashRouter(RouterBase):
         gates = torch.ones(expert_ids.shape[0], device=expert_ids.device)
         token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
         zero = inputs.hidden.new_zeros((), dtype=torch.float32)
-        return RoutingDecision(token_index, expert_ids, gates, zero, host_counts, {"mean_gate": _mean_gate(gates)})
+        return RoutingDecision(token_index, expert_ids, gates, zero, host_counts, {"mean_gate": _mean_gate(gates)},
+                               one_pair_per_token=True)
 
 
 class ExpertChoiceRouter(RouterBase):

@@ -27,7 +27,7 @@ from .expert_choice import (
     threshold_assignment,
 )
 from .hash import frequency_balanced_hash_table, hash_assignment, random_hash_table
-from .stablemoe import balance_loss, centroid_scores, greedy_assignment, sigmoid_gate
+from .stablemoe import balance_loss, centroid_scores, chosen_sigmoid_gate, greedy_assignment, sigmoid_gate
 from .switch import router_probs, switch_aux_loss, top1, z_loss
 from .types import RoutingAlgorithm, get_routing, register_routing, routing_names
 
@@ -49,6 +49,7 @@ __all__ = [
     "centroid_scores",
     "greedy_assignment",
     "sigmoid_gate",
+    "chosen_sigmoid_gate",
     "balance_loss",
     "distillation_loss",
     "distillation_agreement",

@@ -61,6 +61,23 @@ def sigmoid_gate(scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor
     return torch.sigmoid(chosen)
 
 
+def chosen_sigmoid_gate(hidden: torch.Tensor, centroids: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(E_{a_t} . h_t)`` for given experts ``a_t``: ``[T]``, without the ``[T, N]`` scores.
+
+    Equals ``sigmoid_gate(centroid_scores(hidden, centroids), expert_ids)`` (up to float rounding:
+    a row-wise dot product instead of a GEMM), with the same gradients w.r.t. ``hidden`` and the
+    chosen centroid rows. For frozen stage-2 routing, where the expert is already known from the
+    token id: one ``[T, d]`` multiply-add instead of a ``[T, d] x [d, N]`` GEMM forward and two
+    backward.
+
+    Args:
+        hidden: ``[T, d]``; centroids: ``[N, d]``; expert_ids: ``[T]`` long.
+    """
+    dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(centroids))
+    chosen = centroids.to(dtype).index_select(0, expert_ids.reshape(-1))
+    return torch.sigmoid((hidden.to(dtype) * chosen).sum(-1))
+
+
 def balance_loss(
     scores: torch.Tensor,
     expert_ids: torch.Tensor,
