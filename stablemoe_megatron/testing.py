@@ -158,6 +158,8 @@ class _Pool:
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers: ask them to exit (graceful) or kill them (after a failure or hang)."""
+        from stablemoe_megatron.export.world import stop_processes
+
         for jobs, proc in zip(self.job_queues, self.procs):
             if graceful and proc.is_alive():
                 try:
@@ -167,9 +169,7 @@ class _Pool:
         for proc in self.procs:
             if graceful:
                 proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
+        stop_processes(self.procs)  # what is left, with its children
 
 
 _pools: Dict[int, _Pool] = {}

@@ -97,13 +97,13 @@ def test_kill_during_saves_leaves_the_last_checkpoint_loadable(data, tmp_path):
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(29600 + os.getpid() % 300), PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, "-m", "stablemoe_megatron.train", *map(str, argv)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     tracker = ckpt / "latest_checkpointed_iteration.txt"
     while time.time() < deadline and not (tracker.exists() and int(tracker.read_text()) >= 3):
         time.sleep(0.05)
     time.sleep(0.37)  # somewhere inside a later iteration or save
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its checkpoint helpers, like a lost node
     proc.wait(timeout=30)
     latest = int(tracker.read_text())
     assert latest >= 3

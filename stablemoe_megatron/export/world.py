@@ -70,11 +70,12 @@ def run_world(fn: Callable, world: int, sizes: Tuple[int, int, int], args: tuple
     try:
         return _collect(procs, results, timeout)
     finally:
-        _stop(procs)
+        stop_processes(procs)
 
 
-def _stop(procs) -> None:
-    """End the workers and any processes they started (megatron's checkpoint writers)."""
+def stop_processes(procs) -> None:
+    """Kill the still-running ``procs`` and every process they started (megatron's checkpoint
+    writers start a multiprocessing manager, which would outlive a killed parent), then join them."""
     import psutil
 
     for proc in procs:
