@@ -251,8 +251,9 @@ class TokenChoiceRouter(RouterBase):
         return keep[self._local_rows(expert_ids.shape[0])]
 
 
-class StableMoERouter(TokenChoiceRouter):
-    """SPEC 2: s = E h, greedy argmax, sigmoid gate, balance loss (alpha = balance_loss_coeff)."""
+class CentroidRouter(TokenChoiceRouter):
+    """Scores ``s = E h`` against expert centroids and a sigmoid gate of the chosen score
+    (StableMoE and BASE); in stage 2 only the chosen expert's score is computed."""
 
     def scores(self, hidden):
         return routing.centroid_scores(hidden, self.weight)
@@ -262,6 +263,10 @@ class StableMoERouter(TokenChoiceRouter):
 
     def chosen_gate(self, hidden, expert_ids):
         return routing.chosen_sigmoid_gate(hidden, self.weight, expert_ids)
+
+
+class StableMoERouter(CentroidRouter):
+    """SPEC 2: s = E h, greedy argmax, sigmoid gate, balance loss (alpha = balance_loss_coeff)."""
 
     def assign(self, scores):
         expert_ids = routing.greedy_assignment(scores)
@@ -294,21 +299,12 @@ class SwitchRouter(TokenChoiceRouter):
         return expert_ids, gates, (aux if self.training else aux.detach()), metrics
 
 
-class BaseLayerRouter(TokenChoiceRouter):
+class BaseLayerRouter(CentroidRouter):
     """BASE layer: exact balanced assignment (auction) in training, greedy at inference, sigmoid gate.
 
     Under sequence parallelism the assignment is solved on the scores of the whole micro-batch
     (gathered over the TP group, identical on every TP rank) and each rank keeps its rows.
     """
-
-    def scores(self, hidden):
-        return routing.centroid_scores(hidden, self.weight)
-
-    def gate(self, scores, expert_ids):
-        return routing.sigmoid_gate(scores, expert_ids)
-
-    def chosen_gate(self, hidden, expert_ids):
-        return routing.chosen_sigmoid_gate(hidden, self.weight, expert_ids)
 
     def assign(self, scores):
         if not self.training:
