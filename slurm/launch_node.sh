@@ -1,5 +1,5 @@
 #!/bin/bash
-# shellcheck disable=SC2317  # (shellcheck 0.9 thinks the functions run from the USR1 trap are unreachable)
+# shellcheck disable=SC2317,SC2329  # functions run only from the USR1 trap: "unreachable" (0.9), "unused" (0.10+)
 # One node's task of a Slurm job step: run COMMAND (a recipe that calls torchrun) so that SIGUSR1,
 # Slurm's advance warning (--signal=USR1@120), reaches the trainer processes and nothing else:
 #

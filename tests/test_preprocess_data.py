@@ -1,8 +1,11 @@
-"""stablemoe-preprocess-data: round trips through IndexedDataset, bad input, atomic output."""
+"""stablemoe-preprocess-data: round trips through IndexedDataset, bad input, empty input, atomic output,
+progress output for terminals and for log files."""
 import glob
 import gzip
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,3 +241,81 @@ def test_killed_run_leaves_no_dataset_under_final_names(tmp_path, sp_model):
     assert partial, "no partial output appeared before the kill"
     assert not os.path.exists(f"{prefix}_text_document.bin")
     assert not os.path.exists(f"{prefix}_text_document.idx")
+
+
+EMPTY_FIX = "so no dataset was written; pass a file with at least one non-empty document"
+
+
+@pytest.mark.parametrize("name, content, extra_argv, problem", [
+    ("empty.jsonl", "", [], "no documents (the input is empty or only blank lines)"),
+    ("blank_lines.txt", "\n  \n\n", [], "no documents (the input is empty or only blank lines)"),
+    ("empty_texts.jsonl", '{"text": ""}\n\n{"text": ""}\n{"text": ""}\n', [],
+     "no document has a non-empty 'text' (all 3 are empty)"),
+    ("all_bad.jsonl", '{"text": ""}\n{"text": 7}\n', ["--skip-bad-lines"],
+     "no document has a non-empty 'text' (1 empty, 1 skipped as bad by --skip-bad-lines)"),
+    ("empty_titles.jsonl", '{"text": "a", "title": ""}\n{"text": "b", "title": ""}\n', ["--json-keys", "text", "title"],
+     "no document has a non-empty 'title' (all 2 are empty)"),
+])
+def test_input_without_documents_exits_2_and_writes_nothing(tmp_path, sp_model, capsys, name, content, extra_argv,
+                                                           problem):
+    src = tmp_path / name
+    src.write_text(content)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        preprocess_data.main(["--input", str(src), "--output-prefix", str(out_dir / "ds"), *extra_argv,
+                              "--tokenizer-type", SP, "--tokenizer-model", sp_model])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"stablemoe-preprocess-data: error: --input {src}: {problem}, {EMPTY_FIX}"]
+    assert final_and_temp_files(out_dir) == []
+
+
+def test_progress_to_a_log_file_is_plain_lines(tmp_path, sp_model):
+    """stderr redirected to a file (as under Slurm): whole progress lines, no tqdm carriage returns."""
+    src = os.path.join(CORPUS, "valid.jsonl")
+    with open(src, encoding="utf-8") as f:
+        n_docs = sum(1 for line in f if line.strip())
+    log = tmp_path / "preprocess.log"
+    with open(log, "wb") as err:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", src, "--log-interval", "5",
+             "--output-prefix", str(tmp_path / "ds"), "--tokenizer-type", SP, "--tokenizer-model", sp_model],
+            stdout=subprocess.PIPE, stderr=err, timeout=120,
+        )
+    text = log.read_bytes().decode()  # bytes: reading in text mode would turn '\r' into '\n'
+    assert proc.returncode == 0, text
+    assert "\r" not in text and b"\r" not in proc.stdout
+    final = rf"stablemoe-preprocess-data: {n_docs} docs, [0-9.]+ MB, [0-9]+ docs/s, [0-9.]+ MB/s \(all input read\)"
+    assert re.search(rf"^{final}$", text, re.MULTILINE), text
+    assert f"text: {n_docs} documents".encode() in proc.stdout
+
+
+def test_plain_progress_writes_a_line_per_interval_and_at_the_end():
+    stats = preprocess_data.RunStats()
+    stream = io.StringIO()
+    progress = preprocess_data.make_progress(stats, stream)
+    assert isinstance(progress, preprocess_data.PlainProgress)  # StringIO is not a terminal
+    stats.records, stats.bytes = 10, 2_500_000
+    progress.update(10)
+    assert stream.getvalue() == ""  # less than PLAIN_PROGRESS_SECONDS since the start
+    every_time = preprocess_data.PlainProgress(stats, stream, interval=0.0)
+    every_time.update(10)
+    stats.records = 20
+    every_time.finish()
+    lines = stream.getvalue().split("\n")
+    assert lines[-1] == "" and "\r" not in stream.getvalue()
+    assert re.fullmatch(r"stablemoe-preprocess-data: 10 docs, 2\.50 MB, [0-9]+ docs/s, [0-9.]+ MB/s", lines[0])
+    assert re.fullmatch(r"stablemoe-preprocess-data: 20 docs, 2\.50 MB, .* \(all input read\)", lines[1])
+
+
+def test_terminal_gets_the_tqdm_bar():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = preprocess_data.make_progress(preprocess_data.RunStats(), stream)
+    assert isinstance(progress, preprocess_data.BarProgress)
+    progress.update(7)
+    progress.close()
+    assert "7docs" in stream.getvalue()

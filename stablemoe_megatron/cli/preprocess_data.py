@@ -11,6 +11,11 @@ The flags follow Megatron-LM's ``tools/preprocess_data.py`` (``--input``, ``--js
   out of that key's dataset and counted in the summary.
 * A malformed record (not JSON, key missing, value not a string, not UTF-8) stops the run with one
   ``file:line`` message and exit code 2; ``--skip-bad-lines`` skips and counts such records instead.
+* An input that yields no document for a key (an empty file, only blank lines, only empty texts,
+  or only records skipped by ``--skip-bad-lines``) stops the run with exit code 2 and writes
+  nothing: a 0-document dataset would only make training fail later, further from the cause.
+* Progress goes to stderr: a tqdm bar on a terminal; otherwise (a log file, a Slurm job) a plain
+  line every 30 s and one at the end, because a bar's carriage returns turn logs into garbage.
 * Output is written under temporary names next to the final ones and renamed into place
   (``os.replace``) only after everything succeeded, ``.idx`` last, so a killed or failed run never
   leaves a half-written dataset under the final name; a failed run deletes its temporaries (a run
@@ -42,6 +47,7 @@ from stablemoe_megatron.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 PROG = "stablemoe-preprocess-data"
 MAX_REPORTED_BAD_LINES = 5
+PLAIN_PROGRESS_SECONDS = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1 = in this process)")
     g.add_argument("--chunksize", type=int, default=64, help="documents per task sent to a worker")
-    g.add_argument("--log-interval", type=int, default=1000, help="refresh the progress bar every N documents")
+    g.add_argument("--log-interval", type=int, default=1000,
+                   help="update the progress every N documents (a bar on a terminal; in a log, a line "
+                        f"once {PLAIN_PROGRESS_SECONDS:.0f} s have passed since the last one)")
     return p
 
 
@@ -183,7 +191,7 @@ def encode_record(record: RawRecord):
 
 
 class RunStats:
-    """Counters for the progress bar and the final summary."""
+    """Counters for the progress output and the final summary."""
 
     def __init__(self):
         self.records = 0
@@ -193,13 +201,73 @@ class RunStats:
         self.started = time.time()
         self.writers: Dict[str, DatasetWriter] = {}
 
+    def rates_line(self) -> str:
+        """``N docs, X MB, Y docs/s, Z MB/s`` since ``started``: the progress numbers, in one place."""
+        elapsed = max(time.time() - self.started, 1e-9)
+        mb = self.bytes / 1e6
+        return f"{self.records} docs, {mb:.2f} MB, {self.records / elapsed:.0f} docs/s, {mb / elapsed:.2f} MB/s"
+
+
+class BarProgress:
+    """A tqdm bar, for a terminal (it redraws its line with carriage returns)."""
+
+    def __init__(self, stats: RunStats, stream):
+        from tqdm import tqdm
+
+        self._stats = stats
+        self._bar = tqdm(unit="docs", file=stream, mininterval=0.5, dynamic_ncols=True)
+
+    def update(self, new_records: int) -> None:
+        elapsed = max(time.time() - self._stats.started, 1e-9)
+        self._bar.set_postfix_str(f"{self._stats.bytes / elapsed / 1e6:.2f} MB/s", refresh=False)
+        self._bar.update(new_records)
+
+    def finish(self) -> None:
+        """Nothing to add: the bar already shows the totals (the summary follows on stdout)."""
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class PlainProgress:
+    """Whole lines for logs and Slurm output: one at most every ``interval`` seconds and one at the end.
+
+    Never writes a carriage return, so a log file stays readable with ``less`` or ``grep``.
+    """
+
+    def __init__(self, stats: RunStats, stream, interval: float = PLAIN_PROGRESS_SECONDS):
+        self._stats = stats
+        self._stream = stream
+        self._interval = interval
+        self._last = time.monotonic()
+
+    def update(self, new_records: int) -> None:
+        if time.monotonic() - self._last >= self._interval:
+            self._write("")
+
+    def finish(self) -> None:
+        self._write(" (all input read)")
+
+    def close(self) -> None:
+        """Nothing to release (``finish`` wrote the last line on success)."""
+
+    def _write(self, suffix: str) -> None:
+        print(f"{PROG}: {self._stats.rates_line()}{suffix}", file=self._stream, flush=True)
+        self._last = time.monotonic()
+
+
+def make_progress(stats: RunStats, stream=None):
+    """A tqdm bar when ``stream`` (default stderr) is a terminal, else plain periodic lines."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return BarProgress(stats, stream)
+    return PlainProgress(stats, stream)
+
 
 def tokenize_into(writers: Dict[str, DatasetWriter], results, args, stats: RunStats) -> None:
     """Consume encoded records in input order, writing each key's ids; handles bad records."""
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    bar = tqdm(unit="docs", file=sys.stderr, mininterval=0.5 if interactive else 30.0, dynamic_ncols=True)
+    progress = make_progress(stats)
     pending = 0
     try:
         for ids_by_key, nbytes, error in results:
@@ -216,17 +284,32 @@ def tokenize_into(writers: Dict[str, DatasetWriter], results, args, stats: RunSt
             for key, ids in ids_by_key.items():
                 writers[key].add(ids)
             if pending >= args.log_interval:
-                _refresh_bar(bar, pending, stats)
+                progress.update(pending)
                 pending = 0
-        _refresh_bar(bar, pending, stats)
+        progress.update(pending)
+        progress.finish()
     finally:
-        bar.close()
+        progress.close()
 
 
-def _refresh_bar(bar, new_records: int, stats: RunStats) -> None:
-    elapsed = max(time.time() - stats.started, 1e-9)
-    bar.set_postfix_str(f"{stats.bytes / elapsed / 1e6:.2f} MB/s", refresh=False)
-    bar.update(new_records)
+def check_not_empty(writers: Dict[str, DatasetWriter], args, stats: RunStats) -> None:
+    """Refuse to write a 0-document dataset: training on it would fail later, far from the cause.
+
+    Raises InputDataError (exit code 2, nothing written) naming the input and saying why every
+    document was left out: no documents at all, all texts empty, or all records skipped as bad.
+    """
+    where = f"--input {' '.join(args.input)}"
+    fix = "so no dataset was written; pass a file with at least one non-empty document"
+    if stats.records == 0:
+        raise InputDataError(f"{where}: no documents (the input is empty or only blank lines), {fix}")
+    for key, writer in writers.items():
+        if writer.documents:
+            continue
+        if not stats.bad_records:
+            why = f"all {writer.empty_documents} are empty"
+        else:
+            why = f"{writer.empty_documents} empty, {stats.bad_records} skipped as bad by --skip-bad-lines"
+        raise InputDataError(f"{where}: no document has a non-empty {key!r} ({why}), {fix}")
 
 
 def _check_args(args) -> None:
@@ -264,6 +347,7 @@ def run(args) -> RunStats:
             results = pool.imap(encode_record, records, chunksize=args.chunksize)
         stats.started = time.time()  # after the (slow) megatron/torch import and the pool start
         tokenize_into(writers, results, args, stats)
+        check_not_empty(writers, args, stats)
         for writer in writers.values():
             writer.finalize()
         commit_outputs(list(writers.values()))
