@@ -134,7 +134,7 @@ def test_perplexity_windows_and_greedy_generation(trained, tmp_path):
     model = ExportedGPT.from_pretrained(tmp_path / "export")
     stream = token_batch(batch=1, seq=80).reshape(-1)  # windows of 33 tokens: 0-32, 32-64, 64-79
     result = perplexity(model, stream, seq_length=32, batch_size=2)
-    assert result["tokens"] == 79
+    assert (result["tokens"], result["windows"], result["seq_length"]) == (79, 3, 32)
     pieces = [stream[0:33], stream[32:65], stream[64:80]]
     total = sum(float(model.loss(p[:-1].unsqueeze(0), p[1:].unsqueeze(0))) * (p.numel() - 1) for p in pieces)
     assert result["loss"] == pytest.approx(total / 79, rel=1e-5)

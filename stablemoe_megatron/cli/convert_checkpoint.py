@@ -4,16 +4,19 @@
     convert_checkpoint.py reshard  CKPT OUT --tp 2 --pp 1 --ep 4 [--overwrite]
     convert_checkpoint.py export   CKPT OUT_DIR [--stage 2] [--dtype bfloat16] [--tokenizer-model F ...]
     convert_checkpoint.py import   EXPORT_DIR OUT --tp 1 --pp 2 --ep 2 [--overwrite]
-    convert_checkpoint.py perplexity EXPORT_DIR --input valid.jsonl [--seq-length 1024]
+    convert_checkpoint.py perplexity EXPORT_DIR --input test.jsonl [--seq-length 1024]
     convert_checkpoint.py generate EXPORT_DIR --prompt "Once upon a time" [--max-new-tokens 40]
+                          [--temperature 0.8 --top-k 50 --top-p 0.9 --repetition-penalty 1.2 --seed 0]
 
 CKPT is a run directory (``--save`` of training; the tracker names the latest iteration) or one
 ``iter_*`` directory. reshard and import write a run directory (``OUT/iter_XXXXXXX`` + tracker)
 that ``--load`` accepts; they hold the model only (resume training with ``--no-load-optim``) and
 start their own CPU processes (``pp x lcm(tp, ep)``; no torchrun, no GPU). export writes one
 ``model.safetensors`` + ``config.json`` + the tokenizer, independent of the training layout;
-perplexity and generate run such an export with plain torch. Exit code 2 with one message on
-bad input; see stablemoe_megatron/export/ for the formats.
+perplexity and generate run such an export with plain torch. perplexity scores every token of
+the whole --input file (see its --help); generate prints the prompt and its continuation
+detokenised together, greedy by default. Exit code 2 with one message on bad input; see
+stablemoe_megatron/export/ for the formats.
 """
 from __future__ import annotations
 
@@ -61,16 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("export_dir", help="a directory written by export")
     imp.add_argument("out", help="new run directory (iter_* + tracker)")
     _layout_flags(imp)
-    ppl = sub.add_parser("perplexity", help="perplexity of an export on a text/jsonl file (plain torch)")
+    _perplexity_flags(sub)
+    _generate_flags(sub)
+    return parser
+
+
+PERPLEXITY_DOC = """\
+Next-token perplexity of an export on the whole --input file (plain torch). Each document is
+tokenised and followed by the end-of-document id, the documents are concatenated in file order,
+and the stream is cut into non-overlapping windows of --seq-length predictions (no context
+carried across windows; the last window may be shorter). Every token but the first is scored
+once. Prints one JSON line: loss (mean nats per token), ppl = exp(loss), tokens (predictions
+scored), windows, seq_length, documents, input. The trainer's test perplexity is a different
+measurement: --eval-iters global batches of windows from its preprocessed test split, in
+megatron's shuffled order, so the two numbers need not agree."""
+
+
+def _perplexity_flags(sub) -> None:
+    ppl = sub.add_parser("perplexity", help="perplexity of an export on a whole text/jsonl file (plain torch)",
+                         description=PERPLEXITY_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     ppl.add_argument("export_dir")
-    ppl.add_argument("--input", required=True, help=".jsonl (\"text\" per line) or a plain text file")
-    ppl.add_argument("--seq-length", type=int, default=None, help="window length (default: training's)")
-    ppl.add_argument("--batch-size", type=int, default=8)
-    gen = sub.add_parser("generate", help="greedy continuation of a prompt with an export (plain torch)")
+    ppl.add_argument("--input", required=True, help=".jsonl (\"text\" per line) or a plain text file (one document)")
+    ppl.add_argument("--seq-length", type=int, default=None,
+                     help="predictions per window (default: training's --seq-length)")
+    ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (speed and memory only)")
+
+
+def _generate_flags(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt with an export (plain torch); greedy by default",
+                         description="Print the prompt and its continuation, detokenised together. Each step: "
+                                     "repetition penalty, then temperature (0 = greedy), top-k, top-p, sample.")
     gen.add_argument("export_dir")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    return parser
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 = greedy argmax (default); > 0 samples from softmax(logits / T)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus: sample among the fewest most likely tokens holding probability >= p; "
+                          "in (0, 1] (default 1 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="> 1 discourages tokens already in the text (CTRL; e.g. 1.2); default 1 = off")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the sampling generator (default: a random one, printed on stderr)")
 
 
 def _log(message: str) -> None:
@@ -107,19 +143,41 @@ def run(args: argparse.Namespace) -> None:
                           tokenizer_files={k: v for k, v in files.items() if v}, overwrite=args.overwrite, log=_log)
         _log(f"wrote {args.out}")
     elif args.command == "perplexity":
-        from stablemoe_megatron.export.inference import load, perplexity, read_documents, token_stream
+        _run_perplexity(args)
+    else:
+        _run_generate(args)
 
-        _positive(args, "batch_size")
-        model, tokenizer = load(args.export_dir)
-        seq = args.seq_length or model.config.run_config.get("model", {}).get("seq_length") \
-            or model.config.max_position_embeddings
-        print(json.dumps(perplexity(model, token_stream(tokenizer, read_documents(args.input)), seq, args.batch_size)))
-    else:  # generate
-        from stablemoe_megatron.export.inference import generate_text, load
 
-        _positive(args, "max_new_tokens")
-        model, tokenizer = load(args.export_dir)
-        print(args.prompt + generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
+def _run_perplexity(args: argparse.Namespace) -> None:
+    """Print perplexity's JSON line: the measurement and what it covered (see PERPLEXITY_DOC)."""
+    from stablemoe_megatron.export.inference import load, perplexity, read_documents, token_stream
+
+    _positive(args, "batch_size")
+    if args.seq_length is not None:
+        _positive(args, "seq_length")
+    documents = read_documents(args.input)
+    model, tokenizer = load(args.export_dir)
+    seq = args.seq_length or model.config.run_config.get("model", {}).get("seq_length") \
+        or model.config.max_position_embeddings
+    if model.config.position_embedding_type == "learned_absolute" and seq > model.config.max_position_embeddings:
+        raise ConfigError(f"--seq-length {seq} exceeds the model's {model.config.max_position_embeddings} positions")
+    result = perplexity(model, token_stream(tokenizer, documents), seq, args.batch_size)
+    print(json.dumps({**result, "documents": len(documents), "input": str(args.input)}))
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    """Check every flag, then print the prompt and its continuation as one detokenised text."""
+    from stablemoe_megatron.export.inference import Sampling, generate_text, load, make_generator
+
+    _positive(args, "max_new_tokens")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty)
+    sampling.check()
+    seed = make_generator(args.seed)[1]
+    model, tokenizer = load(args.export_dir)
+    if sampling.temperature > 0 and args.seed is None:
+        _log(f"sampling seed {seed} (pass --seed {seed} to repeat this output)")
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling=sampling, seed=seed))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
