@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from stablemoe_megatron.config import FLAG_OVERRIDES, SECTIONS, RunConfig
+from stablemoe_megatron.config import SECTIONS, RunConfig, describe_range, flag_name  # noqa: F401 - flag_name re-exported
 from stablemoe_megatron.errors import ConfigError
 
 _Field = Tuple[str, dataclasses.Field, type]  # (section, field, resolved type)
@@ -26,10 +26,6 @@ def _fields() -> List[_Field]:
     return out
 
 
-def flag_name(section: str, name: str) -> str:
-    return FLAG_OVERRIDES.get((section, name)) or f"--{SECTIONS[section][1]}{name.replace('_', '-')}"
-
-
 def _base_type(annotation):
     """(scalar type, is_list) of an annotation such as Optional[int] or List[str]."""
     origin = typing.get_origin(annotation)
@@ -41,12 +37,20 @@ def _base_type(annotation):
     return annotation, False
 
 
-def build_parser(prog: str = "stablemoe-train", description: str = "") -> argparse.ArgumentParser:
+def build_parser(prog: str = "stablemoe-train", description: str = "",
+                 include: Optional[Callable[[str, str], bool]] = None) -> argparse.ArgumentParser:
+    """The parser of every config field (or those ``include(section, name)`` accepts, without --config).
+
+    Parsed values are only present for the flags actually given (``argparse.SUPPRESS`` defaults).
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                                      allow_abbrev=False)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML settings applied before the flags")
+    if include is None:
+        parser.add_argument("--config", metavar="FILE.yaml", help="YAML settings applied before the flags")
     groups: Dict[str, argparse._ArgumentGroup] = {}
     for section, fld, annotation in _fields():
+        if include is not None and not include(section, fld.name):
+            continue
         group = groups.setdefault(section, parser.add_argument_group(section))
         scalar, is_list = _base_type(annotation)
         names = [flag_name(section, fld.name), *fld.metadata.get("aliases", ())]
@@ -58,15 +62,30 @@ def build_parser(prog: str = "stablemoe-train", description: str = "") -> argpar
             continue
         if "choices" in fld.metadata:
             kwargs["choices"] = fld.metadata["choices"]
+            kwargs["metavar"] = "{" + ",".join(map(str, fld.metadata["choices"])) + "}"
+        else:
+            kwargs["metavar"] = "VALUE" if is_list else fld.name.upper()
         if is_list:
             kwargs["nargs"] = "+"
-        group.add_argument(*names, type=scalar, metavar=fld.name.upper() if not is_list else "VALUE", **kwargs)
+        group.add_argument(*names, type=scalar, **kwargs)
     return parser
 
 
 def _help(fld: dataclasses.Field) -> str:
+    """The field's help, its range if it has one, and its default once (unless the text gives it)."""
+    text = fld.metadata.get("help", "")
+    if "range" in fld.metadata:
+        text += f"; {describe_range(fld.metadata['range'])}"
+    if "default" in text:
+        return text.replace("%", "%%")
     default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
-    return f"{fld.metadata.get('help', '')} (default: {default})"
+    if default is None or default == []:
+        shown = "unset"
+    elif isinstance(default, bool):
+        return text.replace("%", "%%")  # a switch: off unless given
+    else:
+        shown = default
+    return f"{text} (default: {shown})".replace("%", "%%")
 
 
 def _flat_key_index() -> Dict[str, Tuple[str, str]]:

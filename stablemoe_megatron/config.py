@@ -9,8 +9,10 @@ differs from ``--<prefix><field-name>``, and ``aliases``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.model.config import ModelConfig
@@ -19,9 +21,9 @@ from stablemoe_megatron.moe.config import MoEConfig
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = field(default=1, metadata={"help": "tensor parallel size"})
-    pipeline_model_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel size"})
-    expert_model_parallel_size: int = field(default=1, metadata={"help": "expert parallel size"})
+    tensor_model_parallel_size: int = field(default=1, metadata={"range": "[1, inf)", "help": "tensor parallel size"})
+    pipeline_model_parallel_size: int = field(default=1, metadata={"range": "[1, inf)", "help": "pipeline parallel size"})
+    expert_model_parallel_size: int = field(default=1, metadata={"range": "[1, inf)", "help": "expert parallel size"})
     sequence_parallel: bool = field(default=False, metadata={
         "help": "split activations along the sequence over TP ranks (required for MoE with TP > 1)"})
     use_distributed_optimizer: bool = field(default=False, metadata={
@@ -30,30 +32,30 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = field(default=6e-4, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of decay"})
+    lr: float = field(default=6e-4, metadata={"range": "[0, inf)", "help": "peak learning rate"})
+    min_lr: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "learning rate at the end of decay"})
     lr_decay_style: str = field(default="linear", metadata={
         "help": "decay after warm-up", "choices": ("constant", "linear", "cosine")})
-    lr_warmup_iters: int = field(default=0, metadata={"help": "linear warm-up iterations"})
-    lr_decay_iters: Optional[int] = field(default=None, metadata={"help": "decay length (default --train-iters)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay (AdamW)"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
-    adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (paper: 0.98)"})
-    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
-    clip_grad: float = field(default=0.1, metadata={"help": "global gradient-norm clip (paper: 0.1; 0 = off)"})
+    lr_warmup_iters: int = field(default=0, metadata={"range": "[0, inf)", "help": "linear warm-up iterations"})
+    lr_decay_iters: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "decay length (default --train-iters)"})
+    weight_decay: float = field(default=0.01, metadata={"range": "[0, inf)", "help": "decoupled weight decay (AdamW)"})
+    adam_beta1: float = field(default=0.9, metadata={"range": "[0, 1)", "help": "Adam beta1"})
+    adam_beta2: float = field(default=0.98, metadata={"range": "[0, 1)", "help": "Adam beta2 (paper: 0.98)"})
+    adam_eps: float = field(default=1e-8, metadata={"range": "(0, inf)", "help": "Adam epsilon"})
+    clip_grad: float = field(default=0.1, metadata={"range": "[0, inf)", "help": "global gradient-norm clip (paper: 0.1; 0 = off)"})
 
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch per DP rank"})
-    global_batch_size: Optional[int] = field(default=None, metadata={
+    micro_batch_size: int = field(default=4, metadata={"range": "[1, inf)", "help": "samples per micro-batch per DP rank"})
+    global_batch_size: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "samples per optimizer step over all DP ranks (default micro x DP)"})
-    train_iters: int = field(default=1000, metadata={"help": "optimizer steps"})
-    seed: int = field(default=1234, metadata={"help": "random seed"})
+    train_iters: int = field(default=1000, metadata={"range": "[1, inf)", "help": "optimizer steps"})
+    seed: int = field(default=1234, metadata={"range": "[0, 4294967295]", "help": "random seed"})
     bf16: bool = field(default=False, metadata={"help": "bf16 parameters and compute (GPU)"})
-    eval_interval: int = field(default=1000, metadata={"help": "iterations between validations"})
-    eval_iters: int = field(default=10, metadata={"help": "validation micro-batch rounds per evaluation"})
-    exit_interval: Optional[int] = field(default=None, metadata={
+    eval_interval: int = field(default=1000, metadata={"range": "[0, inf)", "help": "iterations between validations"})
+    eval_iters: int = field(default=10, metadata={"range": "[0, inf)", "help": "validation micro-batch rounds per evaluation"})
+    exit_interval: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "stop (after saving) once the iteration is a multiple of this"})
 
 
@@ -73,26 +75,29 @@ class DataConfig:
     merge_file: Optional[str] = field(default=None, metadata={"help": "GPT-2 BPE merges.txt"})
     data_cache_path: Optional[str] = field(default=None, metadata={
         "help": "where megatron's dataset index caches go (default beside the data)"})
-    num_workers: int = field(default=0, metadata={"help": "data loader worker processes"})
+    num_workers: int = field(default=0, metadata={"range": "[0, inf)", "help": "data loader worker processes"})
 
 
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = field(default=None, metadata={"help": "checkpoint directory to write"})
     load: Optional[str] = field(default=None, metadata={"help": "checkpoint directory to resume from"})
-    save_interval: Optional[int] = field(default=None, metadata={"help": "iterations between checkpoints"})
+    save_interval: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "iterations between checkpoints"})
     no_load_optim: bool = field(default=False, metadata={"help": "load weights only (fresh optimizer)"})
-    keep_last: Optional[int] = field(default=None, metadata={"help": "keep only the N newest checkpoints"})
+    keep_last: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "keep only the N newest checkpoints"})
+    start_fresh: bool = field(default=False, metadata={
+        "help": "start at iteration 0 even if --save holds checkpoints; they are moved to "
+                "SAVE/superseded_<time>/ (without it such a run stops and says so)"})
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = field(default=10, metadata={"help": "iterations between log lines"})
+    log_interval: int = field(default=10, metadata={"range": "[1, inf)", "help": "iterations between log lines"})
     tensorboard_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard event directory"})
     metrics_file: Optional[str] = field(default=None, metadata={"help": "JSONL metrics file"})
-    routing_probe_interval: Optional[int] = field(default=None, metadata={
+    routing_probe_interval: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "iterations between routing probes (fluctuation tracking); absent = off"})
-    routing_probe_tokens: int = field(default=4096, metadata={"help": "held-out tokens in the routing probe"})
+    routing_probe_tokens: int = field(default=4096, metadata={"range": "[1, inf)", "help": "held-out tokens in the routing probe"})
 
 
 SECTIONS = {
@@ -109,6 +114,48 @@ SECTIONS = {
 
 # Flags whose Megatron name is not --<prefix><field>.
 FLAG_OVERRIDES = {("moe", "num_experts"): "--num-experts"}
+
+
+def flag_name(section: str, name: str) -> str:
+    """The command-line flag of ``section.name`` (Megatron-LM's spelling)."""
+    return FLAG_OVERRIDES.get((section, name)) or f"--{SECTIONS[section][1]}{name.replace('_', '-')}"
+
+
+def parse_range(text: str) -> Tuple[float, float, bool, bool]:
+    """``"[1, inf)"`` -> (low 1, high inf, low included, high excluded)."""
+    match = re.fullmatch(r"([\[(])\s*([^,]+?)\s*,\s*([^\])]+?)\s*([\])])", text)
+    if match is None:
+        raise ValueError(f"bad range {text!r}")
+    return float(match.group(2)), float(match.group(3)), match.group(1) == "[", match.group(4) == "]"
+
+
+def describe_range(text: str) -> str:
+    """Readable form of a range: ">= 1", "> 0", "in [0, 1)"."""
+    low, high, low_in, _ = parse_range(text)
+    if math.isinf(high):
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {text}"
+
+
+def in_range(value, text: str) -> bool:
+    low, high, low_in, high_in = parse_range(text)
+    if not math.isfinite(float(value)) and not (math.isinf(high) and value == high):
+        return False
+    above = value >= low if low_in else value > low
+    below = value <= high if high_in else value < high
+    return above and below
+
+
+def check_ranges(config: "RunConfig") -> None:
+    """ConfigError for the first numeric setting outside the ``range`` its field declares."""
+    for section, (cls, _) in SECTIONS.items():
+        values = getattr(config, section)
+        for fld in dataclasses.fields(cls):
+            text, value = fld.metadata.get("range"), getattr(values, fld.name)
+            if text is None or value is None or isinstance(value, bool):
+                continue
+            if not isinstance(value, (int, float)) or not in_range(value, text):
+                raise ConfigError(f"{flag_name(section, fld.name)} must be {describe_range(text)}, got {value}")
 
 
 @dataclass
@@ -155,6 +202,7 @@ class RunConfig:
         """Every check that needs no data or checkpoint; ConfigError names the flags and the fix."""
         from stablemoe_megatron.parallel import ParallelSizes
 
+        check_ranges(self)
         par = self.parallel
         ParallelSizes(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                       par.expert_model_parallel_size).validate(world_size)
@@ -172,8 +220,8 @@ class RunConfig:
             raise ConfigError(f"--num-layers {self.model.num_layers} is not divisible by "
                               f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}")
         self._validate_batch(world_size)
-        if self.training.train_iters < 1:
-            raise ConfigError("--train-iters must be >= 1")
+        if self.optimizer.min_lr > self.optimizer.lr:
+            raise ConfigError(f"--min-lr {self.optimizer.min_lr} is above --lr {self.optimizer.lr}")
         if not self.data.data_path:
             raise ConfigError("--data-path is required: a PREFIX of a .bin/.idx dataset (see tools/preprocess_data.py)")
 

@@ -40,6 +40,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from stablemoe_megatron.data_integrity import check_indexed_dataset
 from stablemoe_megatron.errors import ConfigError
 
 SCAN_LIMIT_BYTES = 512 * 2**20  # check_token_range reads at most this much of each .bin
@@ -100,7 +101,8 @@ def _blends(data) -> Dict[str, Optional[Blend]]:
 
 
 def check_data_paths(data) -> None:
-    """Every prefix of --data-path / --valid-data-path / --test-data-path has its .bin and .idx file."""
+    """Every prefix of --data-path / --valid-data-path / --test-data-path has its .bin and .idx file,
+    well formed and consistent (:func:`~stablemoe_megatron.data_integrity.check_indexed_dataset`)."""
     blends = _blends(data)
     if blends["--data-path"] is None:
         raise ConfigError(f"--data-path is required: the PREFIX of a .bin/.idx dataset; {PREPROCESS_HINT}")
@@ -115,6 +117,7 @@ def check_data_paths(data) -> None:
                         hint = f" (did you mean {prefix}_text_document?)"
                     raise ConfigError(f"{flag} {prefix}: {prefix + suffix} does not exist{hint}; "
                                       f"{PREPROCESS_HINT}")
+            check_indexed_dataset(prefix, flag)
 
 
 # -- Tokenizer -----------------------------------------------------------------------------------
@@ -364,17 +367,21 @@ def _run_builder(gpt_config, sizes: List[int]) -> list:
         return builder.build()
 
 
-def build_datasets(config, tokenizer, world_size: int, require_train: bool = True) -> tuple:
+def build_datasets(config, tokenizer, world_size: int, require_train: bool = True,
+                   full_eval: bool = False) -> tuple:
     """(train, valid, test) megatron GPTDatasets (BlendedDatasets for blends; None for an absent part).
 
     Call on every rank of an initialised torch.distributed world (megatron's builder lets rank 0
     build and cache the indices, then the others load them, with barriers in between: so all ranks
     must call it), or in a single process without torch.distributed. ``--data-path`` is split by
     ``--split``; parts replaced by ``--valid-data-path``/``--test-data-path`` are built from those.
+    ``full_eval`` builds the valid and test parts as exactly one epoch (every sample once).
     """
     data = config.data
     check_splits(data, require_train)
     sizes = list(sample_counts(config, world_size))
+    if full_eval:
+        sizes[1] = sizes[2] = None  # megatron builds a part of size None as exactly one epoch
     if not hasattr(tokenizer, "unique_identifiers"):
         tokenizer = MegatronTokenizerAdapter(tokenizer)
     blends, path = _blends(data), cache_dir(data)
@@ -388,7 +395,7 @@ def build_datasets(config, tokenizer, world_size: int, require_train: bool = Tru
         per_split = [None, blends["--valid-data-path"], blends["--test-data-path"]]
         separate = _run_builder(_gpt_config(config, tokenizer, path, blend_per_split=per_split), sizes)
         datasets = [separate[i] if replaced[i] else datasets[i] for i in range(3)]
-    _check_lengths(datasets, sizes, config.training.eval_iters * config.global_batch(world_size))
+    _check_lengths(datasets, sizes, 0 if full_eval else config.training.eval_iters * config.global_batch(world_size))
     return tuple(datasets)
 
 

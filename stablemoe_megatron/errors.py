@@ -16,3 +16,7 @@ class InputDataError(ConfigError):
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. a NaN loss); the message was already logged, exit code 1."""
+
+
+class CheckpointSaveError(TrainingStopped):
+    """Writing a checkpoint failed (full disk, quota, lost mount); the partial save was removed, exit 1."""

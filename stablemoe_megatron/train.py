@@ -7,7 +7,6 @@ User errors (bad flags, missing files, incompatible checkpoints) print one line 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from stablemoe_megatron.entry import run_entry_point
@@ -15,23 +14,14 @@ from stablemoe_megatron.entry import run_entry_point
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse the flags and train; raises ConfigError / TrainingStopped."""
-    from stablemoe_megatron.cli_args import dump_config, parse_config
+    from stablemoe_megatron.cli_args import parse_config
     from stablemoe_megatron.parallel import quiet_megatron_warnings
 
     quiet_megatron_warnings()
     config = parse_config(argv)
     from stablemoe_megatron.training.loop import pretrain
 
-    if config.checkpoint.save and _rank() == 0:
-        Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
-        (Path(config.checkpoint.save) / "run_config.yaml").write_text(dump_config(config))
-    return pretrain(config)
-
-
-def _rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))
+    return pretrain(config)  # writes SAVE/run_config.yaml only after every check passed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -76,7 +76,7 @@ def test_sigusr1_saves_a_loadable_checkpoint_and_exits_0(data, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     exits = [line for line in output.splitlines() if "exiting at iteration" in line]
-    assert len(exits) == 1 and exits[0].endswith("(signal)"), output[-3000:]
+    assert len(exits) == 1 and exits[0].endswith("(signal SIGUSR1)"), output[-3000:]
     iteration = int(exits[0].split("exiting at iteration")[1].split()[0])
     assert 3 <= iteration < 100000
     _check_checkpoint_loads(data, save, iteration)
@@ -102,4 +102,4 @@ def test_sigusr1_to_the_whole_step_under_torchrun(data, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert (tmp_path / "preempted").is_file()
     iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
-    assert iteration >= 3 and "(signal)" in output
+    assert iteration >= 3 and "(signal SIGUSR1)" in output

@@ -14,22 +14,22 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 class ModelConfig:
     """GPT shape. Defaults are the paper's base setting (Table 7), with its 50,257-token vocab."""
 
-    num_layers: int = field(default=12, metadata={"help": "transformer layers"})
-    hidden_size: int = field(default=768, metadata={"help": "model width d"})
-    ffn_hidden_size: Optional[int] = field(default=None, metadata={"help": "FFN inner size (default 4 * hidden)"})
-    num_attention_heads: int = field(default=12, metadata={"help": "attention heads"})
-    seq_length: int = field(default=1024, metadata={"help": "tokens per training sample"})
-    max_position_embeddings: Optional[int] = field(default=None, metadata={
+    num_layers: int = field(default=12, metadata={"range": "[1, inf)", "help": "transformer layers"})
+    hidden_size: int = field(default=768, metadata={"range": "[1, inf)", "help": "model width d"})
+    ffn_hidden_size: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "FFN inner size (default 4 * hidden)"})
+    num_attention_heads: int = field(default=12, metadata={"range": "[1, inf)", "help": "attention heads"})
+    seq_length: int = field(default=1024, metadata={"range": "[1, inf)", "help": "tokens per training sample"})
+    max_position_embeddings: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "learned position embeddings (default --seq-length)"})
     position_embedding_type: str = field(default="learned_absolute", metadata={
         "help": "position embedding", "choices": POSITION_EMBEDDINGS})
     normalization: str = field(default="LayerNorm", metadata={"help": "norm", "choices": NORMALIZATIONS})
-    hidden_dropout: float = field(default=0.0, metadata={"help": "dropout after attention/FFN (paper: 0)"})
-    attention_dropout: float = field(default=0.0, metadata={"help": "attention dropout (paper: 0)"})
-    init_method_std: float = field(default=0.02, metadata={"help": "std of normal weight initialisation"})
+    hidden_dropout: float = field(default=0.0, metadata={"range": "[0, 1)", "help": "dropout after attention/FFN (paper: 0)"})
+    attention_dropout: float = field(default=0.0, metadata={"range": "[0, 1)", "help": "attention dropout (paper: 0)"})
+    init_method_std: float = field(default=0.02, metadata={"range": "(0, inf)", "help": "std of normal weight initialisation"})
     untie_embeddings_and_output_weights: bool = field(default=False, metadata={
         "help": "separate input embedding and output layer weights"})
-    make_vocab_size_divisible_by: int = field(default=128, metadata={
+    make_vocab_size_divisible_by: int = field(default=128, metadata={"range": "[1, inf)",
         "help": "pad the vocabulary to a multiple of this (times TP size)"})
 
     @property

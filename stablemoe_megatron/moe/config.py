@@ -21,45 +21,45 @@ DISTILLABLE_ROUTERS = ("stablemoe", "switch", "base")
 class MoEConfig:
     """Mixture-of-Experts layer settings. ``num_experts=None`` means a dense model."""
 
-    num_experts: Optional[int] = field(default=None, metadata={"help": "number of experts; absent = dense model"})
+    num_experts: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "number of experts; absent = dense model"})
     router: str = field(default="stablemoe", metadata={"help": "routing algorithm", "choices": ROUTERS})
     # --- where the MoE layers go -------------------------------------------------------------
     layer_positions: str = field(default="middle", metadata={
         "help": "paper layout: one MoE block of stacked sublayers after block L/2 (middle), before "
                 "block 1 (bottom), after block L (top), or its sublayers scattered after blocks "
                 "L/(K+1)*j (scattered)", "choices": LAYER_POSITIONS})
-    layer_freq: Optional[int] = field(default=None, metadata={
+    layer_freq: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "Megatron layout: the MLP of every k-th transformer layer is an MoE layer of "
                 "single-FFN experts; when set, the paper layout is not used"})
-    sublayers_per_expert: int = field(default=3, metadata={
+    sublayers_per_expert: int = field(default=3, metadata={"range": "[1, inf)",
         "help": "paper layout: each expert is a stack of K pre-LayerNorm FFN sublayers"})
-    expert_ffn_hidden_size: Optional[int] = field(default=None, metadata={
+    expert_ffn_hidden_size: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "FFN inner size of each expert sublayer (default: --ffn-hidden-size)"})
     # --- losses ------------------------------------------------------------------------------
-    balance_loss_coeff: float = field(default=0.3, metadata={"help": "StableMoE balance loss alpha"})
-    distill_loss_coeff: float = field(default=1.0, metadata={"help": "distillation loss weight (stage 1)"})
-    aux_loss_coeff: float = field(default=0.01, metadata={"help": "Switch load-balancing loss weight"})
-    z_loss_coeff: float = field(default=0.0, metadata={"help": "router z-loss weight (switch, expert-choice)"})
+    balance_loss_coeff: float = field(default=0.3, metadata={"range": "[0, inf)", "help": "StableMoE balance loss alpha"})
+    distill_loss_coeff: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "distillation loss weight (stage 1)"})
+    aux_loss_coeff: float = field(default=0.01, metadata={"range": "[0, inf)", "help": "Switch load-balancing loss weight"})
+    z_loss_coeff: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "router z-loss weight (switch, expert-choice)"})
     # --- distil-and-freeze -------------------------------------------------------------------
     distill_router: Optional[str] = field(default=None, metadata={
         "help": "token-id router distilled in stage 1 and frozen in stage 2 (default: wordemb for "
                 "stablemoe, none for the others)", "choices": DISTILL_ROUTERS})
-    distill_dim: int = field(default=50, metadata={"help": "distilled router feature size"})
-    distill_layers: int = field(default=1, metadata={
+    distill_dim: int = field(default=50, metadata={"range": "[1, inf)", "help": "distilled router feature size"})
+    distill_layers: int = field(default=1, metadata={"range": "[1, 3]",
         "help": "layers of the cnn / transformer distilled router (paper Table 6: 1-3)"})
-    stage2_start_iter: Optional[int] = field(default=None, metadata={
+    stage2_start_iter: Optional[int] = field(default=None, metadata={"range": "[0, inf)",
         "help": "iteration at which the distilled router is frozen and routes (stage 2); absent = "
                 "never", "aliases": ("--two-stage-updates",)})
     # --- capacity ----------------------------------------------------------------------------
-    expert_capacity_factor: Optional[float] = field(default=None, metadata={
+    expert_capacity_factor: Optional[float] = field(default=None, metadata={"range": "(0, inf)",
         "help": "token-choice routers: drop tokens beyond ceil(T*c/N) per expert (dropped tokens "
                 "keep their residual only); expert-choice: c in k=T*c/N (default 2.0)"})
     # --- router-specific ---------------------------------------------------------------------
     hash_table: str = field(default="random", metadata={
         "help": "hash router table: random (seeded, balanced over ids) or frequency (balanced "
                 "by token frequency of the training data)", "choices": ("random", "frequency")})
-    hash_seed: int = field(default=0, metadata={"help": "seed of the hash router table"})
-    expert_choice_threshold_momentum: float = field(default=0.99, metadata={
+    hash_seed: int = field(default=0, metadata={"range": "[0, inf)", "help": "seed of the hash router table"})
+    expert_choice_threshold_momentum: float = field(default=0.99, metadata={"range": "[0, 1)",
         "help": "expert-choice: momentum of the per-expert score thresholds used for causal "
                 "routing at evaluation"})
 

@@ -31,11 +31,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.errors import CheckpointSaveError, ConfigError
+from stablemoe_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported names
+    STATE_FILE,
+    TRACKER,
+    describe_iterations,
+    complete_iterations,
+    iteration_dir,
+    previous_hint,
+    verify_files,
+)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "run_config.yaml"
-STATE_FILE = "train_state.json"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
 
 
@@ -48,10 +55,6 @@ class TrainState:
     stage: int = 1
     layout: dict = field(default_factory=dict)  # tp, pp, ep, dp, distributed optimizer
     tokenizer_vocab_size: int = 0  # the model's embedding rows cover this many token ids
-
-
-def iteration_dir(root, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
 
 
 def read_tracker(root) -> Optional[int]:
@@ -130,6 +133,7 @@ def save_checkpoint(root, train_state: TrainState, model, optimizer, scheduler, 
                     config_yaml: str, keep_last: Optional[int] = None) -> Path:
     """Write iteration ``train_state.iteration`` atomically (collective: every rank calls it)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     final = iteration_dir(root, train_state.iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -138,18 +142,63 @@ def save_checkpoint(root, train_state: TrainState, model, optimizer, scheduler, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state = _sharded_state(model, optimizer, scheduler, side_optimizer, True, False, True)
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if _rank() == 0:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=1))
-        _replace_dir(tmp, final)
-        _write_tracker(Path(root), train_state.iteration)
-        if keep_last:
-            _prune(Path(root), keep_last, train_state.iteration)
+    try:
+        state = _sharded_state(model, optimizer, scheduler, side_optimizer, True, False, True)
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        if _rank() == 0:
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=1))
+            _replace_dir(tmp, final)
+            _write_tracker(Path(root), train_state.iteration)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a full disk, a quota, a lost mount
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(_save_failure(root, tmp, exc)) from exc
+    if _rank() == 0 and keep_last:
+        _prune(Path(root), keep_last, train_state.iteration)
     _barrier()
     return final
+
+
+def _save_failure(root, tmp: Path, exc: BaseException) -> str:
+    """One message for a failed save: the directory, the cause (errno text), what survives."""
+    cause = _root_cause(exc)
+    if isinstance(cause, OSError) and cause.strerror:
+        text = f"{cause.strerror} ({cause.filename or tmp})"
+    else:
+        lines = str(cause).strip().splitlines()
+        text = f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+        if "unexpected pos" in text:  # torch's zip writer when a write comes up short
+            text += " (a write came up short: the disk is probably full or a quota or file-size limit was hit)"
+    fix = "free space (or point --save at another filesystem)"
+    kept = complete_iterations(root)
+    then = (f"the last good checkpoint {iteration_dir(root, kept[-1])} is untouched: {fix} and resume with "
+            f"--load {root}" if kept else f"no earlier checkpoint exists: {fix} and start again")
+    return f"saving checkpoint {tmp.name[:-4]} into {root} failed: {text}; the partial {tmp.name} was removed; {then}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError behind ``exc`` if any, else the innermost other exception: the cause/context
+    chain and torch DCP's per-rank ``failures`` ((exception, traceback) pairs) are searched."""
+    pending, seen, last = [exc], set(), exc
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, (tuple, list)):
+            pending += [item for item in current if isinstance(item, BaseException)]
+            continue
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        if not hasattr(current, "failures"):
+            last = current
+        pending += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += list(failures.values())
+    return last
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -179,18 +228,31 @@ def _prune(root: Path, keep_last: int, newest: int) -> None:
             shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
 
 
-def resolve_load_dir(load) -> Path:
-    """``--load`` may name the run directory (tracker inside) or one ``iter_*`` directory."""
+def resolve_load_dir(load, announce: bool = True) -> Path:
+    """``--load`` may name the run directory (tracker inside) or one ``iter_*`` directory.
+
+    Without a tracker (deleted, or lost in a copy) the newest complete ``iter_*`` is used and said
+    so. The chosen directory's files are checked against its index (:func:`verify_files`).
+    """
     path = Path(load)
     if (path / STATE_FILE).is_file():
+        verify_files(path)
         return path
     iteration = read_tracker(path)
     if iteration is None:
-        raise ConfigError(f"--load {load}: no {TRACKER} and no {STATE_FILE} there; point --load at "
-                          f"the --save directory of a run or at one of its iter_* directories")
+        found = complete_iterations(path)
+        if not found:
+            raise ConfigError(f"--load {load}: no {TRACKER} and no complete iter_* checkpoint there; point "
+                              f"--load at the --save directory of a run or at one of its iter_* directories")
+        iteration = found[-1]
+        if announce and _rank() == 0 and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--load {load}: {TRACKER} is missing; resuming from the newest complete checkpoint "
+                  f"iter_{iteration:07d} (found {describe_iterations(found)})", flush=True)
     directory = iteration_dir(path, iteration)
     if not (directory / STATE_FILE).is_file():
-        raise ConfigError(f"--load {load}: {TRACKER} names iteration {iteration} but {directory} is incomplete")
+        raise ConfigError(f"--load {load}: {TRACKER} names iteration {iteration} but {directory} is incomplete; "
+                          f"{previous_hint(directory)}")
+    verify_files(directory)
     return directory
 
 
@@ -198,6 +260,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, side_optim
                     layout: Optional[dict] = None, load_optim: bool = True) -> TrainState:
     """Restore model (any layout), and optimizer/scheduler/RNG when the layout matches."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     saved = read_train_state(directory)
     same_layout = layout is None or saved.layout == layout
@@ -209,7 +272,13 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, side_optim
             f"weights and a fresh optimizer, or reshard with tools/convert_checkpoint.py")
     side = side_optimizer if saved.stage == 1 else None
     state = _sharded_state(model, optimizer, scheduler, side, with_optim, True, same_layout)
-    loaded = dist_checkpointing.load(state, str(directory))
+    try:
+        loaded = dist_checkpointing.load(state, str(directory))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - damage the size check cannot see
+        cause = _root_cause(exc)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise ConfigError(f"checkpoint {directory} is damaged: it could not be read ({type(cause).__name__}: "
+                          f"{first[:300]}); {previous_hint(directory)}") from exc
     unwrap(model).load_state_dict(loaded["model"])
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])

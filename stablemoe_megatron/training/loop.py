@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from functools import partial
 from typing import Optional
@@ -19,6 +18,7 @@ from stablemoe_megatron.errors import ConfigError, TrainingStopped
 from stablemoe_megatron.training import setup
 from stablemoe_megatron.training.checkpointing import TrainState, save_checkpoint
 from stablemoe_megatron.training.reporting import Reporter, gather_moe_metrics
+from stablemoe_megatron.training.signals import LauncherWatch, StopSignals
 
 
 # -- one micro-batch -------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def train_step(job: "setup.Job", train_iterator):
         num_microbatches=job.num_microbatches, seq_length=job.config.model.seq_length,
         micro_batch_size=job.config.training.micro_batch_size, forward_only=False)
     loss = _mean_lm_loss(losses)
-    nonfinite, signalled = _stop_flags(loss, job.preemption.received if job.preemption else False)
+    nonfinite, signalled = _stop_flags(loss, bool(job.preemption.received) if job.preemption else False)
     if nonfinite:
         return loss, None, nonfinite, signalled  # no update: the weights stay the last good ones
     _, grad_norm, _ = job.optimizer.step()
@@ -120,8 +120,13 @@ def _last_stage_broadcast_group():
 # -- the job ---------------------------------------------------------------------------------------
 def pretrain(config: RunConfig) -> dict:
     """Train as configured; return the final validation/test losses (on every rank)."""
-    signals = _PreemptionSignal()  # installed first: a signal during start-up is not lost
-    job = setup.prepare(config)
+    signals = StopSignals()  # installed first: a signal during start-up is not lost
+    watch = LauncherWatch.start_if_launched()
+    try:
+        job = setup.prepare(config)
+    except BaseException:
+        _stop_watching(signals, watch)
+        raise
     job.preemption = signals
     reporter = Reporter(config.logging.tensorboard_dir, config.logging.metrics_file, config.training.train_iters)
     try:
@@ -140,22 +145,14 @@ def pretrain(config: RunConfig) -> dict:
         return results
     finally:
         reporter.close()
+        job.release()
+        _stop_watching(signals, watch)
 
 
-class _PreemptionSignal:
-    """SIGUSR1 (Slurm's ``--signal=USR1@T``) asks for a checkpoint and a clean exit.
-
-    The flag is read once per iteration and combined over all ranks (one all-reduce with the NaN
-    check), so every rank saves the same iteration and stops together.
-    """
-
-    def __init__(self):
-        self.received = False
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._handler)
-
-    def _handler(self, signum, frame):  # noqa: ARG002 - signal API
-        self.received = True
+def _stop_watching(signals: StopSignals, watch: Optional[LauncherWatch]) -> None:
+    signals.restore()
+    if watch is not None:
+        watch.stop()
 
 
 def train_loop(job: "setup.Job", reporter: Reporter) -> dict:
@@ -189,11 +186,19 @@ def train_loop(job: "setup.Job", reporter: Reporter) -> dict:
             job.save(reporter)
         interval_start += time.perf_counter() - pause_start  # neither are validation and saving
         if signalled or (config.training.exit_interval and state.iteration % config.training.exit_interval == 0):
-            reporter.message(f"exiting at iteration {state.iteration} ({'signal' if signalled else '--exit-interval'})")
+            reporter.message(f"exiting at iteration {state.iteration} ({_exit_reason(job, signalled)})")
             return {"iteration": state.iteration, "exited_early": state.iteration < config.training.train_iters}
     if config.checkpoint.save and not _should_save(config, state.iteration, False):
         job.save(reporter)
     return {"iteration": state.iteration, "exited_early": False}
+
+
+def _exit_reason(job, signalled: bool) -> str:
+    """'signal' (with its name when this rank received it) or '--exit-interval'."""
+    if not signalled:
+        return "--exit-interval"
+    name = job.preemption.received if job.preemption is not None else None
+    return f"signal {name}" if name else "signal"
 
 
 def _should_save(config: RunConfig, iteration: int, signalled: bool) -> bool:

@@ -19,6 +19,8 @@ from stablemoe_megatron.cli_args import config_from_yaml_text, dump_config
 from stablemoe_megatron.config import RunConfig
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.training.optim import distilled_parameters
+from stablemoe_megatron.training.checkpoint_files import STATE_FILE, TRACKER, complete_iterations
+from stablemoe_megatron.training.save_dir import check_existing_work, claim, resumes_from
 from stablemoe_megatron.training.checkpointing import (
     CONFIG_FILE,
     TrainState,
@@ -68,8 +70,12 @@ def preflight(config: RunConfig, world_size: int):
     data_lib.check_data_paths(config.data)
     tokenizer = data_lib.tokenizer_from_config(config.data)
     load_dir, saved_state = None, None
-    if config.checkpoint.load and _has_checkpoint(config.checkpoint.load):
-        load_dir = resolve_load_dir(config.checkpoint.load)
+    ckpt = config.checkpoint
+    if ckpt.save:
+        check_existing_work(ckpt.save, ckpt.load, ckpt.start_fresh)
+    fresh_here = ckpt.start_fresh and ckpt.save and resumes_from(ckpt.save, ckpt.load)
+    if ckpt.load and not fresh_here and _has_checkpoint(ckpt.load):
+        load_dir = resolve_load_dir(ckpt.load)
         saved = config_from_yaml_text((load_dir / CONFIG_FILE).read_text())
         check_checkpoint_compatible(config, saved, load_dir)
         saved_state = read_train_state(load_dir)
@@ -77,7 +83,7 @@ def preflight(config: RunConfig, world_size: int):
             raise ConfigError(
                 f"the tokenizer (--tokenizer-model {config.data.tokenizer_model}) has {tokenizer.vocab_size} "
                 f"tokens, more than the {saved_state.tokenizer_vocab_size} the checkpoint's model (--load "
-                f"{config.checkpoint.load}) was built for: use the tokenizer the model was trained with")
+                f"{ckpt.load}) was built for: use the tokenizer the model was trained with")
     vocab = config.model.padded_vocab_size(tokenizer.vocab_size, config.parallel.tensor_model_parallel_size)
     data_lib.check_token_range(config.data, tokenizer.vocab_size)
     return tokenizer, vocab, load_dir, saved_state
@@ -85,13 +91,12 @@ def preflight(config: RunConfig, world_size: int):
 
 def _has_checkpoint(load) -> bool:
     """--load of a directory without a checkpoint yet starts from scratch (Megatron-LM's behaviour,
-    so recipes can pass --load and --save the same directory); a missing directory is an error."""
-    from stablemoe_megatron.training.checkpointing import STATE_FILE, TRACKER
-
+    so recipes can pass --load and --save the same directory); a missing directory is an error.
+    A directory with complete ``iter_*`` checkpoints but no tracker has a checkpoint (recovered)."""
     path = Path(load)
     if not path.is_dir():
         raise ConfigError(f"--load {load}: no such directory")
-    return (path / TRACKER).is_file() or (path / STATE_FILE).is_file()
+    return (path / TRACKER).is_file() or (path / STATE_FILE).is_file() or bool(complete_iterations(path))
 
 
 @dataclass
@@ -110,9 +115,16 @@ class Job:
     train_iterator: Callable = None
     valid_iterator: Optional[Callable] = None
     test_iterator: Optional[Callable] = None
-    preemption: object = None  # loop._PreemptionSignal
+    preemption: object = None  # signals.StopSignals
     frozen_snapshot: List[torch.Tensor] = field(default_factory=list)
     probe: object = None
+    save_lock: object = None  # save_dir.SaveDirLock held by rank 0 while the run writes --save
+
+    def release(self) -> None:
+        """Give up the --save directory (end of the run, or a failure)."""
+        if self.save_lock is not None:
+            self.save_lock.release()
+            self.save_lock = None
 
     # -- stage ----------------------------------------------------------------------------------
     def model_stage(self) -> int:
@@ -249,11 +261,24 @@ def initialize_and_build(config: RunConfig, vocab_size: int, world_size: int):
 
 
 def prepare(config: RunConfig) -> Job:
-    """Checks, then process groups, model, optimizers, resume, data: a ready :class:`Job`."""
-    from megatron.core import parallel_state as ps
-
+    """Checks, then (rank 0) the --save lock and run_config.yaml, then process groups, model,
+    optimizers, resume, data: a ready :class:`Job` (call ``job.release()`` when done)."""
     world_size = world_size_from_env()
     tokenizer, vocab, load_dir, saved_state = preflight(config, world_size)
+    lock = claim(config, dump_config(config), first_rank=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        job = _build_job(config, world_size, tokenizer, vocab, load_dir, saved_state)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    job.save_lock = lock
+    return job
+
+
+def _build_job(config: RunConfig, world_size: int, tokenizer, vocab: int, load_dir, saved_state) -> Job:
+    from megatron.core import parallel_state as ps
+
     model, ddp_model, optimizer, scheduler, side = initialize_and_build(config, vocab, world_size)
     state = TrainState(layout=layout_of(config), tokenizer_vocab_size=tokenizer.vocab_size)
     job = Job(config, model, ddp_model, optimizer, scheduler, side, state, tokenizer,
