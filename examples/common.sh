@@ -1,7 +1,7 @@
 #!/bin/bash
 # Shared argument arrays for the recipes in this directory (sourced, not run).
 #
-#   SIZE      tiny (CPU, minutes) | base | large   (paper Table 7; SPEC section 6)
+#   SIZE      tiny (CPU, minutes) | base | large   (paper Table 7)
 #   DATA_PATH Megatron blend or prefix of .bin/.idx data (default: the bundled corpus, tiny only)
 #   TOKENIZER_FLAGS tokenizer flags (default: GPT-2 BPE from $VOCAB_FILE/$MERGE_FILE for base/large,
 #                   the bundled corpus' SentencePiece model for tiny)

@@ -154,16 +154,25 @@ def test_routed_expert_is_the_highest_gate_or_none():
     assert routed_expert_ids(decision, 3, 4, 255).tolist() == [2, 255, 0]
 
 
+def write_synthetic_history(directory, stages=(1, 1, 1), meta=None) -> ProbeHistory:
+    """A StableMoE-like history in ``directory`` (a routing_probe/ directory): MoE layer 3, 2 experts,
+    8 probe tokens with ids 7 7 7 9 9 4 4 4, one probe every 10 iterations in the given stages.
+    Tokens 5 and 6 change expert once, at the probe of iteration 10; nothing changes after it."""
+    layout = Layout([3], {3: ["routed", "backbone", "distilled"]}, num_tokens=8, num_experts=2)
+    history, _ = ProbeHistory.open(directory, layout, np.array([7, 7, 7, 9, 9, 4, 4, 4]), 0, meta)
+    for k, stage in enumerate(stages):
+        routed = [0, 0, 0, 1, 1, 1, 1, 0] if k == 0 else [0, 0, 0, 1, 1, 0, 0, 0]
+        views = {"routed": np.array(routed), "backbone": np.array(routed), "distilled": np.zeros(8, int)}
+        layers = [{"layer": 3, "changed_fraction": 0.0, "distill_agreement": 0.5, "tokens_per_expert": [5, 3]}]
+        history.append({"iteration": 10 * (k + 1), "stage": stage, "layers": layers}, {3: views})
+    return history
+
+
 def test_report_on_a_synthetic_history_without_a_tokenizer(tmp_path):
     from stablemoe_megatron.analysis.report import write_report
     from stablemoe_megatron.cli.routing_report import main
 
-    layout = Layout([3], {3: ["routed", "backbone", "distilled"]}, num_tokens=8, num_experts=2)
-    history, _ = ProbeHistory.open(tmp_path / "run" / "routing_probe", layout, np.array([7, 7, 7, 9, 9, 4, 4, 4]), 0)
-    for it, routed in ((10, [0, 0, 0, 1, 1, 1, 1, 0]), (20, [0, 0, 0, 1, 1, 0, 0, 0]), (30, [0, 0, 0, 1, 1, 0, 0, 0])):
-        views = {"routed": np.array(routed), "backbone": np.array(routed), "distilled": np.zeros(8, int)}
-        layers = [{"layer": 3, "changed_fraction": 0.0, "distill_agreement": 0.5, "tokens_per_expert": [5, 3]}]
-        history.append({"iteration": it, "stage": 1, "layers": layers}, {3: views})
+    write_synthetic_history(tmp_path / "run" / "routing_probe")
     written = write_report([tmp_path / "run"], tmp_path / "out")
     assert {"fluctuation", "agreement", "load_run", "report"} <= set(written)
     text = written["report"].read_text()

@@ -11,6 +11,7 @@ import pytest
 
 from data_fixtures import tiny_dataset
 from stablemoe_megatron.analysis.history import CURVE, PROBE_DIR, ProbeHistory
+from stablemoe_megatron.analysis.locate import locate_history
 from stablemoe_megatron.testing import run_distributed
 
 ITERS, EVERY, SWITCH_AT, TOKENS = 20, 4, 8, 256
@@ -95,7 +96,7 @@ def test_stablemoe_routing_is_exactly_still_after_the_switch(runs):
     routed = next(e for e in curve["layers"] if e["view"] == "routed")
     assert routed["curve"][0] > 0 and all(v == 0 for v in routed["curve"][40:])   # last change at step 8 of 20
     assert [r["routing_fluctuation"] for r in records if "routing_fluctuation" in r] == [curve]
-    assert "routing fluctuation (SPEC 5) over 5 probes of 256 tokens to iteration 20" in log
+    assert "routing fluctuation over 5 probes of 256 tokens to iteration 20" in log
     assert f"layer 1 routed: {routed['after_20']:.1f}% / 0.0% / 0.0%" in log
 
     line = next(r for r in records if r.get("iteration") == 20 and "lm_loss" in r)
@@ -171,6 +172,8 @@ def test_history_survives_resume_and_drops_newer_probes(data, tmp_path):
     run(data, tmp_path, **{"--save": save, "--save-interval": 12})
     first = ProbeHistory.load(save)
     before = (first.all_choices().copy(), [r for r in first.records])
+    # --save tmp/ckpt beside --metrics-file tmp/metrics.jsonl: the report names and writes under tmp
+    assert locate_history(save).run_dir == tmp_path and locate_history(save / PROBE_DIR).name == tmp_path.name
     # resume from iteration 12 into the same directory: the probes at 16 and 20 are dropped, then redone
     records, log = run(data, tmp_path / "again", **{"--save": save, "--load": save / "iter_0000012"})
     assert f"routing probe history {save / PROBE_DIR}: kept 3 probes up to iteration 12, dropped 2 newer" in log

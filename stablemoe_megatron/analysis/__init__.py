@@ -1,10 +1,11 @@
 """Routing analysis: the routing probe (fluctuation tracking), expert-load statistics, reports.
 
-* :mod:`.fluctuation` - SPEC 5 as pure numpy: changed fraction, last fluctuation step, the curve.
+* :mod:`.fluctuation` - routing fluctuation as pure numpy: changed fraction, last fluctuation step, the curve.
 * :mod:`.load` - per-layer expert-load statistics (min/max/mean/CV, dead experts, max/mean).
-* :mod:`.history` - the probe history on disk (``RUN_DIR/routing_probe/``), survives resume.
+* :mod:`.history` - the probe history on disk (``<--save>/routing_probe/``), survives resume.
+* :mod:`.locate` - finds a run's history from its run, save or routing_probe directory.
 * :mod:`.probe` - :class:`~.probe.RoutingProbe`, driven by the trainer every N iterations.
-* :mod:`.report` - PNG plots and a markdown report over one or more run directories.
+* :mod:`.report` / :mod:`.plots` - PNG plots and a markdown report over one or more runs.
 """
 from stablemoe_megatron.analysis.fluctuation import (
     PERCENTS,

@@ -1,4 +1,5 @@
-"""Routing fluctuation (SPEC 5) as pure numpy functions over a probe history.
+"""Routing fluctuation (how late in training tokens still change expert, paper Figure 7) as pure
+numpy functions over a probe history.
 
 A history is ``iterations`` [K] (strictly increasing training steps at which the probe ran) and
 ``choices`` [K, n] (the expert of each of the n probe tokens at each probe, any integer dtype;
@@ -90,7 +91,7 @@ def history_curves(history, train_iters: Optional[int] = None) -> dict:
 
 def describe_curves(result: dict) -> str:
     """The end-of-training message: the 20/50/80% values per layer and view."""
-    head = (f"routing fluctuation (SPEC 5) over {result['num_probes']} probes of {result['num_tokens']} tokens "
+    head = (f"routing fluctuation over {result['num_probes']} probes of {result['num_tokens']} tokens "
             f"to iteration {result['final_iteration']}: % of probe tokens whose last expert change is after "
             f"{' / '.join(f'{x}%' for x in QUOTED)} of training")
     if result["num_probes"] < 2:

@@ -1,7 +1,8 @@
 """The routing-probe history: every probe's expert choices, stored compactly so it survives resume.
 
-Directory ``RUN_DIR/routing_probe/`` (RUN_DIR: ``--save``, else the directory of
-``--metrics-file``, else ``--tensorboard-dir``):
+Directory ``<dir>/routing_probe/``, <dir> being ``--save``, else the directory of ``--metrics-file``,
+else ``--tensorboard-dir`` (:func:`.probe.run_directory`); for the recipes in ``examples/`` that is
+``RUN_DIR/checkpoints/routing_probe/``:
 
 * ``meta.json`` - the layout: MoE layer numbers, the views recorded per layer (``routed``: the
   expert the layer used; ``backbone`` / ``distilled``: the two routers' own choices where the
@@ -11,13 +12,15 @@ Directory ``RUN_DIR/routing_probe/`` (RUN_DIR: ``--save``, else the directory of
   views, n expert ids (uint8, or int16 above 254 experts; the dtype's max means "no expert");
 * ``probes.jsonl`` - one line per probe, the ``routing_probe`` record logged to the metrics JSONL
   (line k describes block k);
-* ``fluctuation.json`` - the final SPEC-5 curves, written at the end of training;
+* ``fluctuation.json`` - the final last-fluctuation curves (:mod:`.fluctuation`), written at the end
+  of training;
 * ``run_config.yaml`` - the run's configuration (the report reads the tokenizer from it).
 
 On resume only probes at or before the resumed iteration are kept (later blocks and lines are cut),
 so the history always matches the weights. A run starting at iteration 0, or resuming with other
 probe tokens or MoE layers, moves an existing history aside to ``routing_probe.prev/`` and starts a
-new one. Without a run directory the history lives in memory.
+new one. Without a run directory the history lives in memory. Readers find the directory from the
+run, save or routing_probe directory with :func:`.locate.locate_history`.
 """
 from __future__ import annotations
 
@@ -70,12 +73,6 @@ class Layout:
     def from_json(cls, meta: dict) -> "Layout":
         return cls([int(x) for x in meta["layers"]], {int(k): list(v) for k, v in meta["views"].items()},
                    int(meta["num_tokens"]), int(meta["num_experts"]))
-
-
-def probe_dir(path) -> Path:
-    """``path`` itself if it is a probe directory, else ``path/routing_probe``."""
-    path = Path(path)
-    return path if (path / META).is_file() else path / PROBE_DIR
 
 
 class ProbeHistory:
@@ -199,17 +196,39 @@ class ProbeHistory:
     # -- tools ------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path) -> "ProbeHistory":
-        """Read a finished (or running) history: ``path`` is a run directory or its routing_probe/."""
-        directory = probe_dir(path)
-        if not (directory / META).is_file():
-            raise FileNotFoundError(f"{path}: no routing-probe history ({PROBE_DIR}/{META}); train with "
-                                    f"--routing-probe-interval N and --save, --metrics-file or --tensorboard-dir")
+        """Read a finished (or running) history: ``path`` is a run, save or routing_probe directory
+        (:func:`.locate.locate_history`; its HistoryNotFound, a FileNotFoundError, says what was looked for)."""
+        from stablemoe_megatron.analysis.locate import locate_history
+
+        directory = locate_history(path).probe_dir
         meta = json.loads((directory / META).read_text())
         history = cls(Layout.from_json(meta), np.load(directory / TOKENS), directory, meta)
         lines = [line for line in (directory / PROBES).read_text().splitlines() if line.strip()]
         complete = min(len(lines), (directory / CHOICES).stat().st_size // history.layout.block_bytes)
         history.records = [json.loads(line) for line in lines[:complete]]
         return history
+
+
+def stage_switch_iteration(records: List[dict], stage2_start_iter: Optional[int] = None) -> Optional[int]:
+    """The iteration of the StableMoE stage switch (stage 1 -> 2) seen in probe ``records``, or None.
+
+    The records prove the switch lies between the last stage-1 probe (iteration a) and the first
+    stage-2 probe (b): the trainer's switch iteration S (its last stage-1 iteration, logged as "stage
+    switch at iteration S") satisfies a <= S < b. ``stage2_start_iter`` (the run's configured S, from
+    meta.json) is returned when it fits; otherwise a, which is S whenever the probe interval divides
+    S. When the first probe is already in stage 2, ``stage2_start_iter`` is returned if it is
+    earlier; otherwise None (no switch recorded, or nothing to place it by).
+    """
+    if records and records[0].get("stage") == 2:
+        early = stage2_start_iter is not None and int(stage2_start_iter) < int(records[0]["iteration"])
+        return int(stage2_start_iter) if early else None
+    for before, after in zip(records, records[1:]):
+        if before.get("stage") == 1 and after.get("stage") == 2:
+            first, last = int(before["iteration"]), int(after["iteration"])
+            if stage2_start_iter is not None and first <= int(stage2_start_iter) < last:
+                return int(stage2_start_iter)
+            return first
+    return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,13 +1,16 @@
-"""PNG plots of routing histories (matplotlib, imported lazily: ``pip install stablemoe-megatron[report]``).
+"""PNG plots of routing histories (matplotlib, a dependency of the package, imported lazily so the
+trainer never loads it).
 
 Each function takes :class:`~stablemoe_megatron.analysis.report.RunData` objects and a PNG path,
 draws with the Agg backend (no display needed) and returns the path, or None when there is
-nothing to draw.
+nothing to draw. Plots over iterations mark each run's StableMoE stage switch (stage 1 -> 2,
+:func:`.history.stage_switch_iteration`) with a dashed vertical line and a legend entry, since the
+routing is expected to stop changing there; expert axes have integer ticks.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -23,7 +26,8 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError("the routing report draws its plots with matplotlib, which is not installed: "
-                          "pip install 'stablemoe-megatron[report]' (or: pip install matplotlib)") from exc
+                          "pip install matplotlib (stablemoe-megatron depends on it; reinstalling the "
+                          "package installs it too)") from exc
     return plt
 
 
@@ -34,8 +38,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def mark_stage_switches(ax, runs, position: Callable = lambda run, iteration: iteration,
+                        legend: bool = True, color: str = "0.35", where: str = "") -> int:
+    """Dashed vertical lines at the runs' stage switches (one per position, naming the runs there);
+    ``position(run, iteration)`` maps a switch to the x axis, ``where`` (formatted with ``x``) adds
+    that position to the legend entry. Returns the number of lines drawn."""
+    at: Dict[float, List[tuple]] = {}
+    for run in runs:
+        if run.switch_iteration is not None:
+            at.setdefault(float(position(run, run.switch_iteration)), []).append((run.name, run.switch_iteration))
+    for x, found in sorted(at.items()):
+        iterations = sorted({iteration for _, iteration in found})
+        label = f"stage 1 → 2 switch at iteration {', '.join(map(str, iterations))}" + where.format(x=x)
+        if len(runs) > 1:
+            label += f" ({', '.join(name for name, _ in found)})"
+        ax.axvline(x, color=color, linestyle="--", linewidth=1.2, label=label if legend else None)
+    return len(at)
+
+
+def _percent_of_training(run, iteration: int) -> float:
+    final = run.curves.get("final_iteration") or iteration
+    return 100.0 * iteration / final
+
+
 def plot_fluctuation(runs, path: Path) -> Optional[Path]:
-    """All runs' SPEC-5 curves (routed view, every MoE layer) on one axes, like paper Figure 7."""
+    """All runs' last-fluctuation curves (routed view, every MoE layer) on one axes, like paper
+    Figure 7, with the stage switches at their % of training."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     several_layers = any(len(run.history.layout.layers) > 1 for run in runs)
@@ -50,46 +78,55 @@ def plot_fluctuation(runs, path: Path) -> Optional[Path]:
     if not drawn:
         plt.close(fig)
         return None
+    mark_stage_switches(ax, runs, _percent_of_training, where=" = {x:.3g}% of training")
     ax.set_xlabel("x (% of training)")
     ax.set_ylabel("% of probe tokens whose last\nexpert change is after x% of training")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Routing fluctuation (SPEC 5; cf. paper Fig. 7)")
+    ax.set_title("Routing fluctuation (cf. paper Fig. 7)")
     return _save(fig, path)
 
 
 def plot_load(run, path: Path) -> Optional[Path]:
-    """Expert load over time per MoE layer: load/mean per expert (heat map) and CV, max/mean (lines)."""
+    """Expert load over time per MoE layer: load/mean per expert (heat map) and CV, max/mean (lines),
+    with the stage switch marked on both."""
+    from matplotlib.ticker import MaxNLocator
+
     series = run.load_series()
     if not series:
         return None
     plt = pyplot()
     fig, axes = plt.subplots(len(series), 2, figsize=(10, 3.2 * len(series)), squeeze=False)
     for row, (layer, (iterations, loads, source)) in enumerate(sorted(series.items())):
+        heat_ax, line_ax = axes[row]
         mean = loads.mean(axis=1, keepdims=True)
         relative = np.divide(loads, mean, out=np.zeros_like(loads), where=mean > 0)
         right = iterations[-1] if iterations[-1] > iterations[0] else iterations[0] + 1
-        heat = axes[row][0].imshow(relative.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                                   extent=(iterations[0], right, -0.5, loads.shape[1] - 0.5))
-        fig.colorbar(heat, ax=axes[row][0], label="load / mean")
-        axes[row][0].set_ylabel("expert")
-        axes[row][0].set_xlabel("iteration")
-        axes[row][0].set_title(f"{run.name} layer {layer}: tokens per expert ({source})", fontsize=9)
+        heat = heat_ax.imshow(relative.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                              extent=(iterations[0], right, -0.5, loads.shape[1] - 0.5))
+        fig.colorbar(heat, ax=heat_ax, label="load / mean")
+        heat_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        heat_ax.set_ylabel("expert")
+        heat_ax.set_xlabel("iteration")
+        heat_ax.set_title(f"{run.name} layer {layer}: tokens per expert ({source})", fontsize=9)
+        mark_stage_switches(heat_ax, [run], legend=False, color="white")
         cv = loads.std(axis=1) / np.maximum(loads.mean(axis=1), 1e-12)
         peak = loads.max(axis=1) / np.maximum(loads.mean(axis=1), 1e-12)
-        axes[row][1].plot(iterations, cv, label="coefficient of variation")
-        axes[row][1].plot(iterations, peak, label="max / mean")
-        axes[row][1].plot(iterations, (loads == 0).sum(axis=1), label="dead experts", linestyle=":")
-        axes[row][1].set_xlabel("iteration")
-        axes[row][1].grid(alpha=0.3)
-        axes[row][1].legend(fontsize=8)
+        line_ax.plot(iterations, cv, label="coefficient of variation")
+        line_ax.plot(iterations, peak, label="max / mean")
+        line_ax.plot(iterations, (loads == 0).sum(axis=1), label="dead experts", linestyle=":")
+        mark_stage_switches(line_ax, [run])
+        line_ax.set_xlabel("iteration")
+        line_ax.grid(alpha=0.3)
+        line_ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def plot_agreement(runs, path: Path) -> Optional[Path]:
-    """Distillation agreement (distilled router vs the learned router's choice) over time."""
+    """Distillation agreement (distilled router vs the learned router's choice) over time, with the
+    stage switches (after which the distilled router is frozen and routes)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = 0
@@ -104,6 +141,7 @@ def plot_agreement(runs, path: Path) -> Optional[Path]:
     if not drawn:
         plt.close(fig)
         return None
+    mark_stage_switches(ax, runs)
     ax.set_xlabel("iteration")
     ax.set_ylabel("% of tokens: distilled router = learned router")
     ax.set_ylim(0, 100)

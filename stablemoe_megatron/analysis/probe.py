@@ -249,7 +249,7 @@ class RoutingProbe:
 
     # -- end of training --------------------------------------------------------------------------
     def finish(self, job, reporter) -> Optional[dict]:
-        """Probe the final weights if not yet done, then report and write the SPEC-5 curves (collective)."""
+        """Probe the final weights if not yet done, then report and write the fluctuation curves (collective)."""
         if self.last_iteration != job.state.iteration:
             self.run(job, reporter)
         if self.history is None:
@@ -266,7 +266,7 @@ class RoutingProbe:
         return result
 
     def curves(self, train_iters: Optional[int] = None) -> dict:
-        """SPEC-5 curves of every (layer, view) over the whole history (last rank)."""
+        """Last-fluctuation curves (:mod:`.fluctuation`) of every (layer, view) over the whole history (last rank)."""
         return history_curves(self.history, train_iters)
 
 

@@ -1,13 +1,18 @@
-"""The routing report over one or more run directories: PNG plots and ``report.md``.
+"""The routing report over one or more runs: PNG plots and ``report.md``.
 
-A run directory is where the trainer kept its routing-probe history (``RUN_DIR/routing_probe/``,
-see :mod:`.history`); the iteration records of the metrics JSONL named in its ``meta.json`` (or any
-``*.jsonl`` in RUN_DIR) give the training-time expert load and distillation agreement.
+Each run is named by its run directory (RUN_DIR of the recipes), its ``--save`` directory or its
+``routing_probe/`` directory; :func:`.locate.locate_history` finds the probe history (see
+:mod:`.history`) and the run. The iteration records of the metrics JSONL named in the history's
+``meta.json`` (else any ``*.jsonl`` beside ``routing_probe/`` or in RUN_DIR) give the
+training-time expert load and distillation agreement. The report goes to ``RUN_DIR/routing_report/``
+of the first run unless another directory is given.
 
-The report holds: the runs; the SPEC-5 fluctuation values (20/50/80%) with all runs' curves on one
-plot (paper Figure 7); expert load over time and the last logged load statistics; distillation
-agreement over time; and, like paper Table 9, the most frequent probe tokens of every expert
-under the final recorded routing, decoded through the run's tokenizer.
+The report holds: the runs; the routing-fluctuation values (the % of probe tokens whose last
+expert change comes after 20/50/80% of training, :mod:`.fluctuation`) with all runs' curves on
+one plot (paper Figure 7); expert load over time and the last logged load statistics;
+distillation agreement over time; the StableMoE stage switch marked on the plots over time; and,
+like paper Table 9, the most frequent probe tokens of every expert under the final recorded
+routing, decoded through the run's tokenizer.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from stablemoe_megatron.analysis.fluctuation import QUOTED, history_curves
-from stablemoe_megatron.analysis.history import CONFIG, CURVE, ProbeHistory, probe_dir
+from stablemoe_megatron.analysis.history import CONFIG, CURVE, ProbeHistory, stage_switch_iteration
+from stablemoe_megatron.analysis.locate import RunLocation, locate_history
+
+REPORT_DIR = "routing_report"   # default output directory, inside the first run's directory
 
 LOAD_KEYS = ("load_min", "load_max", "load_mean", "load_cv", "load_max_over_mean", "dead_experts",
              "dropped_fraction")
@@ -29,11 +37,11 @@ LOAD_KEYS = ("load_min", "load_max", "load_mean", "load_cv", "load_max_over_mean
 
 @dataclass
 class RunData:
-    """One run: its probe history, SPEC-5 curves, metric records and (optionally) tokenizer."""
+    """One run: its probe history, fluctuation curves, metric records and (optionally) tokenizer."""
 
     name: str
-    path: Path
-    history: ProbeHistory
+    path: Path                                          # the run directory (RUN_DIR)
+    history: ProbeHistory                               # read from history.directory (routing_probe/)
     curves: dict
     metrics: List[dict] = field(default_factory=list)   # iteration records with "moe_layers"
     tokenizer: Optional[object] = None
@@ -42,6 +50,11 @@ class RunData:
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_") or "run"
+
+    @property
+    def switch_iteration(self) -> Optional[int]:
+        """The stage 1 -> 2 switch seen in the probe records (None: no switch recorded)."""
+        return stage_switch_iteration(self.history.records, self.history.meta.get("stage2_start_iter"))
 
     def probe_series(self, key: str) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
         """{layer: (iterations, values)} of a per-layer probe-record field, where present."""
@@ -92,10 +105,11 @@ class RunData:
         return out
 
 
-def _metric_records(run_path: Path, meta: dict) -> List[dict]:
-    """Iteration records (last one per iteration wins, as after a resume) of the run's metrics JSONL."""
+def _metric_records(location: RunLocation, meta: dict) -> List[dict]:
+    """Iteration records (last one per iteration wins, as after a resume) of the run's metrics JSONL:
+    the one named in meta.json, else one beside routing_probe/ or in the run directory (moved runs)."""
     candidates = [Path(meta["metrics_file"])] if meta.get("metrics_file") else []
-    candidates += sorted(run_path.glob("*.jsonl"))
+    candidates += sorted(location.probe_dir.parent.glob("*.jsonl")) + sorted(location.run_dir.glob("*.jsonl"))
     for path in candidates:
         if path.is_file():
             by_iteration = {}
@@ -125,19 +139,19 @@ def _tokenizer(directory: Path, tokenizer_model: Optional[str]):
 
 
 def load_run(path, name: Optional[str] = None, tokenizer_model: Optional[str] = None) -> RunData:
-    """Read one run directory (or its routing_probe/ directory)."""
-    directory = probe_dir(path)
-    history = ProbeHistory.load(path)
+    """Read one run: ``path`` is a run, save or routing_probe directory, or a :class:`RunLocation`."""
+    location = path if isinstance(path, RunLocation) else locate_history(path)
+    directory = location.probe_dir
+    history = ProbeHistory.load(directory)
     curves = None
     if (directory / CURVE).is_file():
         curves = json.loads((directory / CURVE).read_text())
         if curves.get("num_probes") != len(history.records):
             curves = None  # written before more probes were added (a resumed run): recompute
     curves = curves or history_curves(history, history.meta.get("train_iters"))
-    run_path = directory.parent
     tokenizer, note = _tokenizer(directory, tokenizer_model)
-    return RunData(name or run_path.name, run_path, history, curves, _metric_records(run_path, history.meta),
-                   tokenizer, note)
+    return RunData(name or location.name, location.run_dir, history, curves,
+                   _metric_records(location, history.meta), tokenizer, note)
 
 
 # -- markdown --------------------------------------------------------------------------------------
@@ -174,22 +188,24 @@ def token_table(run: RunData, layer: int, top_k: int) -> List[str]:
 
 
 def _runs_section(runs: Sequence[RunData]) -> List[str]:
-    lines = ["## Runs", "", "| run | directory | router | experts | MoE layer numbers | probes | probe tokens | "
-             "interval | last probe |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["## Runs", "", "| run | probe history | router | experts | MoE layer numbers | probes | probe tokens | "
+             "interval | last probe | stage switch |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for run in runs:
         meta, records = run.history.meta, run.history.records
-        lines.append(f"| {run.name} | {run.path} | {meta.get('router', '?')} | {run.history.layout.num_experts} | "
-                     f"{', '.join(map(str, run.history.layout.layers))} | {len(records)} | "
-                     f"{run.history.layout.num_tokens} | {meta.get('interval', '?')} | "
-                     f"{records[-1]['iteration'] if records else '-'} |")
+        switch = run.switch_iteration
+        lines.append(f"| {run.name} | {run.history.directory} | {meta.get('router', '?')} | "
+                     f"{run.history.layout.num_experts} | {', '.join(map(str, run.history.layout.layers))} | "
+                     f"{len(records)} | {run.history.layout.num_tokens} | {meta.get('interval', '?')} | "
+                     f"{records[-1]['iteration'] if records else '-'} | {'-' if switch is None else switch} |")
     return lines + [""]
 
 
 def _fluctuation_section(runs: Sequence[RunData], plots: dict) -> List[str]:
-    lines = ["## Routing fluctuation (SPEC 5)", "",
+    lines = ["## Routing fluctuation", "",
              "Percentage of probe tokens whose last expert change happens after x% of training (a token's "
-             "last fluctuation step is the last probe at which its expert differs from its final expert). "
-             "Paper, BASE layer: 40.9 / 29.1 / 15.4; StableMoE: no change in stage 2.", ""]
+             "last fluctuation step is the last probe at which its expert differs from its final expert; "
+             "training ends at the last probe). Paper, BASE layer: 40.9 / 29.1 / 15.4; StableMoE: no change "
+             "in stage 2.", ""]
     if "fluctuation" in plots:
         lines += [f"![routing fluctuation]({plots['fluctuation'].name})", ""]
     lines += ["| run | layer | view | " + " | ".join(f"after {x}%" for x in QUOTED) + " |",
@@ -239,14 +255,17 @@ def render_markdown(runs: Sequence[RunData], plots: dict, top_k: int) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: Sequence, out_dir, names: Optional[Sequence[str]] = None, top_k: int = 10,
+def write_report(paths: Sequence, out_dir=None, names: Optional[Sequence[str]] = None, top_k: int = 10,
                  tokenizer_model: Optional[str] = None) -> dict:
-    """Load the runs, draw the plots and write ``report.md`` into ``out_dir``; {name: path} written."""
+    """Load the runs, draw the plots and write ``report.md`` into ``out_dir`` (default: the first
+    run's ``RUN_DIR/routing_report/``, so reports of different runs never overwrite each other);
+    {name: path} written. Every run is located before anything is written."""
     from stablemoe_megatron.analysis.plots import draw_all
 
-    names = list(names) if names else _default_names(paths)
-    runs = [load_run(p, n, tokenizer_model) for p, n in zip(paths, names)]
-    out_dir = Path(out_dir)
+    locations = [locate_history(p) for p in paths]
+    names = list(names) if names else _default_names(locations)
+    runs = [load_run(loc, n, tokenizer_model) for loc, n in zip(locations, names)]
+    out_dir = Path(out_dir) if out_dir is not None else locations[0].run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = draw_all(runs, out_dir)
     report = out_dir / "report.md"
@@ -254,9 +273,9 @@ def write_report(paths: Sequence, out_dir, names: Optional[Sequence[str]] = None
     return dict(plots, report=report)
 
 
-def _default_names(paths: Sequence) -> List[str]:
-    """Directory names, with the parent added where two runs share one."""
-    dirs = [probe_dir(p).parent.resolve() for p in paths]
+def _default_names(locations: Sequence[RunLocation]) -> List[str]:
+    """Run directory names, with the parent added where two runs share one."""
+    dirs = [loc.run_dir.resolve() for loc in locations]
     names = [d.name for d in dirs]
     if len(set(names)) < len(names):
         names = [f"{d.parent.name}/{d.name}" for d in dirs]

@@ -1,6 +1,6 @@
 """Model wrapping and optimizers: megatron's DDP, optimizer and LR schedule, plus the distilled router's own.
 
-The distilled routers (StableMoE's token-id routers, SPEC 2-3) are kept OUT of megatron's DDP and
+The distilled routers (StableMoE's token-id routers of stages 1-2) are kept OUT of megatron's DDP and
 optimizer from the start and trained in stage 1 by :class:`DistilledRouterOptimizer`, a plain
 AdamW with the same hyper-parameters and learning-rate schedule. At the stage switch it is simply
 discarded: the frozen parameters were never in megatron's optimizer, so no momentum, weight

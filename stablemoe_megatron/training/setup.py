@@ -135,7 +135,7 @@ class Job:
         return self.state.stage == 1 and start is not None and self.state.iteration >= start
 
     def enter_stage_two(self, reporter=None) -> None:
-        """Freeze the distilled routers and drop their optimizer (SPEC 3); logged once."""
+        """Freeze the distilled routers and drop their optimizer (StableMoE stage 2); logged once."""
         count = torch.tensor(float(sum(p.numel() for p in distilled_parameters(self.model))), device=device())
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)  # the MoE stage's count
         self.model.enter_stage_two()
