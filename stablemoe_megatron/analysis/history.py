@@ -33,8 +33,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-PROBE_DIR = "routing_probe"
-META, TOKENS, CHOICES, PROBES = "meta.json", "tokens.npy", "choices.bin", "probes.jsonl"
+from stablemoe_megatron.analysis.locate import META, PROBE_DIR, locate_history  # noqa: F401 - META, PROBE_DIR re-exported
+
+TOKENS, CHOICES, PROBES = "tokens.npy", "choices.bin", "probes.jsonl"
 CURVE, CONFIG = "fluctuation.json", "run_config.yaml"
 FORMAT = 1
 
@@ -198,8 +199,6 @@ class ProbeHistory:
     def load(cls, path) -> "ProbeHistory":
         """Read a finished (or running) history: ``path`` is a run, save or routing_probe directory
         (:func:`.locate.locate_history`; its HistoryNotFound, a FileNotFoundError, says what was looked for)."""
-        from stablemoe_megatron.analysis.locate import locate_history
-
         directory = locate_history(path).probe_dir
         meta = json.loads((directory / META).read_text())
         history = cls(Layout.from_json(meta), np.load(directory / TOKENS), directory, meta)

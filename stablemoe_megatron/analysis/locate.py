@@ -22,7 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stablemoe_megatron.analysis.history import META, PROBE_DIR
+PROBE_DIR = "routing_probe"  # the history's directory name (under --save, or beside the metrics)
+META = "meta.json"  # its description file; present once the first probe ran
 
 SAVE_DIR = "checkpoints"   # the recipes' --save directory inside RUN_DIR (examples/common.sh)
 
