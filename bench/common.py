@@ -25,6 +25,24 @@ import torch
 
 
 # ------------------------------------------------------------------------------------------------
+# sizes
+# ------------------------------------------------------------------------------------------------
+def config_size(name: str, vocab: int) -> dict:
+    """A benchmark size from ``configs/<name>.yaml`` (the recipes' SIZE files): shape, micro-batch, bf16.
+
+    ``vocab`` is the benchmark's own (its batches are synthetic token ids, no tokenizer).
+    """
+    from stablemoe_megatron.size_configs import load_size
+
+    config = load_size(name)
+    model, moe, training = config["model"], config["moe"], config["training"]
+    return dict(layers=model["num_layers"], hidden=model["hidden_size"], ffn=model["ffn_hidden_size"],
+                heads=model["num_attention_heads"], seq=model["seq_length"], experts=moe["num_experts"],
+                sublayers=moe["sublayers_per_expert"], micro=training["micro_batch_size"], vocab=vocab,
+                bf16=bool(training.get("bf16", False)))
+
+
+# ------------------------------------------------------------------------------------------------
 # process set-up
 # ------------------------------------------------------------------------------------------------
 def free_port() -> int:

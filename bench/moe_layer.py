@@ -10,7 +10,7 @@ sides), in training mode:
 
 * ``megatron``     megatron-core's MoELayer: TopKRouter (top-1, softmax before top-k, Switch aux
                    loss) + MoEAllGatherTokenDispatcher + its SequentialMLP / TEGroupedMLP experts;
-* ``switch``       our SwitchRouter (the same function: top-1 of softmax(W h), gate = its
+* ``switch``       our switch router (the same function: top-1 of softmax(W h), gate = its
                    probability, the same aux loss) + our AllToAllDispatcher;
 * ``stablemoe-s1`` StableMoE stage 1 (greedy centroid routing, balance loss, word-embedding
                    distillation loss);
@@ -64,7 +64,6 @@ from bench.common import (  # noqa: E402
     time_interleaved,
 )
 
-ALL_ROUTERS = ("switch", "stablemoe-s1", "stablemoe-s2", "stablemoe-s2-noids", "hash", "base", "expert-choice")
 PRESETS = {
     # 2 CPU cores: a few milliseconds per layer call
     "cpu": dict(seq=512, batch=4, hidden=256, ffn=1024, experts=8, vocab=8000, bf16=False),
@@ -74,6 +73,51 @@ PRESETS = {
     "smoke": dict(seq=16, batch=4, hidden=32, ffn=64, experts=4, vocab=128, bf16=False),
 }
 AUX_LOSS_COEFF = 0.01
+REFERENCE_ROUTER = "switch"  # ours that computes megatron-core's TopKRouter layer (checked, then timed first)
+# Variants of a router with a default distilled router (StableMoE): suffix -> (stage, CPU token ids given)
+STAGE_VARIANTS = {"-s1": (1, False), "-s2": (2, True), "-s2-noids": (2, False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a benchmark variant name means: the --moe-router, the stage, whether the layer gets
+    the CPU copy of the token ids (as the trainer gives it to token-id routing)."""
+
+    router: str
+    stage: int
+    host_ids: bool
+
+
+def variant(name: str) -> Variant:
+    """The :class:`Variant` of ``name`` (``megatron``, a router name, or a router's stage variant)."""
+    from stablemoe_megatron.routing import get_routing, routing_names
+
+    if name == "megatron":
+        return Variant(REFERENCE_ROUTER, 1, False)
+    for suffix, (stage, host_ids) in STAGE_VARIANTS.items():
+        if name.endswith(suffix) and name[: -len(suffix)] in routing_names():
+            return Variant(name[: -len(suffix)], stage, host_ids)
+    return Variant(name, 1, get_routing(name).uses_token_ids)
+
+
+def all_routers() -> tuple:
+    """Every registered router once, as its stage variants if it has a default distilled router.
+
+    Report order: the reference router, the stage variants, the routers without parameters, the
+    other learned ones (registry order within each group).
+    """
+    from stablemoe_megatron.routing import get_routing, routing_names
+
+    def group(name):
+        algorithm = get_routing(name)
+        return name != REFERENCE_ROUTER, algorithm.default_distill_router is None, algorithm.learned
+
+    names = sorted(routing_names(), key=group)  # a stable sort
+    return tuple(name + suffix if suffix else name for name in names
+                 for suffix in (STAGE_VARIANTS if get_routing(name).default_distill_router else ("",)))
+
+
+ALL_ROUTERS = all_routers()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,11 +129,14 @@ def _configs(sizes: dict, router: str):
     from stablemoe_megatron.model.gpt import transformer_config
     from stablemoe_megatron.moe.config import MoEConfig
 
-    name = {"stablemoe-s1": "stablemoe", "stablemoe-s2": "stablemoe", "stablemoe-s2-noids": "stablemoe",
-            "megatron": "switch"}.get(router, router)
+    from stablemoe_megatron.routing import get_routing
+
+    name = variant(router).router
+    # a router without one expert per token (Expert Choice) gets capacity factor 1: on average one
+    # expert per token, the expert FLOPs of top-1
     moe = MoEConfig(num_experts=sizes["experts"], router=name, layer_freq=1, sublayers_per_expert=1,
                     aux_loss_coeff=AUX_LOSS_COEFF,
-                    expert_capacity_factor=1.0 if name == "expert-choice" else None)
+                    expert_capacity_factor=None if get_routing(name).one_pair_per_token else 1.0)
     model = ModelConfig(num_layers=2, hidden_size=sizes["hidden"], ffn_hidden_size=sizes["ffn"],
                         num_attention_heads=max(1, sizes["hidden"] // 64), seq_length=sizes["seq"])
     config = transformer_config(model, moe, bf16=sizes["bf16"])
@@ -127,7 +174,7 @@ def build_our_layer(sizes: dict, router: str):
     layer = build_module(spec, config=config)
     layer.set_layer_number(1)
     layer = layer.to(device()).train()
-    if router.startswith("stablemoe-s2"):
+    if variant(router).stage == 2:
         layer.router.freeze_distilled()
     return layer
 
@@ -188,8 +235,7 @@ def make_inputs(sizes: dict, seed: int = 0) -> Inputs:
 
 def prepare_call(layer, router: str, inputs: Inputs) -> None:
     if router != "megatron":
-        uses_host_ids = router in ("stablemoe-s2", "hash")
-        layer.set_token_ids(inputs.ids, inputs.host_ids if uses_host_ids else None)
+        layer.set_token_ids(inputs.ids, inputs.host_ids if variant(router).host_ids else None)
 
 
 def forward(layer, inputs: Inputs) -> torch.Tensor:
@@ -214,7 +260,7 @@ def _reset_grads(layer, inputs: Inputs) -> None:
 def check_switch_matches_megatron(sizes: dict, with_experts: bool = True) -> Dict[str, float]:
     """Relative max differences (output, input grad, router grad, expert grads) of switch vs megatron."""
     mg = build_megatron_layer(sizes)
-    ours = build_our_layer(sizes, "switch")
+    ours = build_our_layer(sizes, REFERENCE_ROUTER)
     copy_megatron_weights_to_switch(mg, ours)
     if not with_experts:
         strip_experts(mg, True)

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
+    config_size,
     fmt_ratio,
     fmt_spread,
     init_single_process,
@@ -42,6 +43,7 @@ from bench.common import (  # noqa: E402
     quantiles,
     time_interleaved,
 )
+from stablemoe_megatron.routing import get_routing, routing_names  # noqa: E402
 from bench.training import (  # noqa: E402
     build_job,
     check_dense_equivalent,
@@ -54,14 +56,15 @@ from bench.training import (  # noqa: E402
 )
 
 SIZES = {
-    # examples/common.sh SIZE=tiny: what the CPU reproduction trains (one micro-batch of 8 x 128)
-    "tiny": dict(layers=4, hidden=128, ffn=512, heads=4, seq=128, experts=4, sublayers=2, micro=8, vocab=8000, bf16=False),
+    # configs/tiny.yaml (the recipes' SIZE=tiny): what the CPU reproduction trains (one micro-batch of 8 x 128)
+    "tiny": config_size("tiny", vocab=8000),
     "small": dict(layers=4, hidden=256, ffn=1024, heads=4, seq=256, experts=8, sublayers=2, micro=4, vocab=8000, bf16=False),
-    # paper Table 7, base: 12 x 768, 32 experts of 3 sublayers after block 6, seq 1024, GPT-2 vocab
-    "paper": dict(layers=12, hidden=768, ffn=3072, heads=12, seq=1024, experts=32, sublayers=3, micro=8, vocab=50257, bf16=True),
+    # configs/base.yaml, paper Table 7 base: 12 x 768, 32 experts of 3 sublayers after block 6, seq 1024, GPT-2 vocab
+    "paper": config_size("base", vocab=50257),
 }
 DEFAULT_VARIANTS = ("dense-equal", "stablemoe-s1", "stablemoe-s2", "dense")
-ALL_VARIANTS = DEFAULT_VARIANTS + ("switch", "hash", "base", "expert-choice")
+# ... and every registered router without stage variants (those with a default distilled router have them)
+ALL_VARIANTS = DEFAULT_VARIANTS + tuple(name for name in routing_names() if not get_routing(name).default_distill_router)
 
 
 def base_flags(size: dict) -> list:
@@ -81,9 +84,9 @@ def variant_flags(name: str, size: dict) -> list:
         return []
     if name == "dense-equal":
         return ["--num-experts", "1", "--moe-router", "hash"] + moe
-    router = {"stablemoe-s1": "stablemoe", "stablemoe-s2": "stablemoe"}.get(name, name)
+    router = name[:-3] if name.endswith(("-s1", "-s2")) else name  # stablemoe-s1 / -s2: the stages
     flags = ["--num-experts", str(size["experts"]), "--moe-router", router] + moe
-    if name == "expert-choice":
+    if not get_routing(router).one_pair_per_token:  # Expert Choice: on average one expert per token
         flags += ["--moe-expert-capacity-factor", "1"]
     return flags
 

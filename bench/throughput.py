@@ -4,7 +4,7 @@
     python bench/throughput.py --micro-batch-size 4 --accumulate 16 --stages 2
     python bench/throughput.py --size tiny                  # runs anywhere (CPU: no MFU unless --peak-tflops)
 
-The model is the paper's base setting (SPEC 1 / Table 7): 12 layers, d 768, FFN 3072, 12 heads, seq
+The model is the paper's base setting (docs/ALGORITHMS.md §1, paper Table 7): 12 layers, d 768, FFN 3072, 12 heads, seq
 1024, GPT-2 vocabulary (50,257, padded to 50,304), one MoE block after block 6 of 32 experts, each a
 stack of 3 FFN sublayers; bf16 with fp32 main weights and grads (megatron's Float16Module, DDP,
 Adam), built and stepped by the trainer's own code (bench/training.py) on synthetic token ids.
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import init_single_process, machine_info, quantiles, synchronize  # noqa: E402
+from bench.common import config_size, init_single_process, machine_info, quantiles, synchronize  # noqa: E402
 from bench.training import (  # noqa: E402
     build_job,
     config_from_flags,
@@ -44,11 +44,9 @@ from bench.training import (  # noqa: E402
     synthetic_batches,
 )
 
-SIZES = {
-    "paper": dict(layers=12, hidden=768, ffn=3072, heads=12, seq=1024, experts=32, sublayers=3, micro=8, vocab=50257,
-                  bf16=True),
-    "tiny": dict(layers=4, hidden=128, ffn=512, heads=4, seq=128, experts=4, sublayers=2, micro=8, vocab=8000,
-                 bf16=False),
+SIZES = {  # configs/base.yaml (paper Table 7) and configs/tiny.yaml, with a GPT-2 / the bundled corpus' vocabulary
+    "paper": config_size("base", vocab=50257),
+    "tiny": config_size("tiny", vocab=8000),
 }
 
 

@@ -1,9 +1,9 @@
 """Real trainer steps on synthetic batches, for the step-time and throughput benches.
 
-A step is exactly the trainer's :func:`stablemoe_megatron.training.loop.train_step` (megatron's
+A step is exactly the trainer's :func:`stablemoe_megatron.training.step.train_step` (megatron's
 forward-backward schedule, DDP grad buffers, megatron's Adam with clipping, the distilled router's
 own optimizer in stage 1, the LR schedule), on a model, DDP wrapper and optimizers built by
-:func:`stablemoe_megatron.training.setup.build_model_and_optimizers` from ordinary trainer flags.
+:func:`stablemoe_megatron.training.build.build` (mode ``"bench"``) from ordinary trainer flags.
 Batches are synthetic token ids (uniform over the vocabulary, seeded), already in memory, so data
 loading is not measured.
 
@@ -34,28 +34,21 @@ def padded_vocab(config, vocab: int) -> int:
 
 
 def build_job(config, vocab: int, dense_equivalent: bool = False, stage: int = 1):
-    """A :class:`stablemoe_megatron.training.setup.Job` ready for ``train_step`` (groups already set up).
+    """A :class:`stablemoe_megatron.training.trainer.Trainer` ready for ``train_step`` (groups already set up).
 
     dense_equivalent: every MoE layer (build the config with ``--num-experts 1``) runs its single
     expert stack on every token without routing or dispatch: the same model as the MoE one at equal
     active FLOPs, with no router, gate or dispatcher (see :func:`make_dense_equivalent`).
     stage: 2 freezes the distilled routers first, as the trainer does at the switch.
     """
-    from megatron.core import parallel_state as ps
+    from stablemoe_megatron.training.build import build
 
-    from stablemoe_megatron.training.checkpointing import TrainState
-    from stablemoe_megatron.training.setup import Job, build_model_and_optimizers
-
-    world = torch.distributed.get_world_size()
-    model, ddp_model, optimizer, scheduler, side = build_model_and_optimizers(config, padded_vocab(config, vocab), world)
+    trainer = build(config, "bench", vocab_size=padded_vocab(config, vocab))
     if dense_equivalent:
-        make_dense_equivalent(model)
-    job = Job(config, model, ddp_model, optimizer, scheduler, side, TrainState(), None,
-              config.num_microbatches(world), config.global_batch(world),
-              ps.get_data_parallel_group(with_context_parallel=True))
+        make_dense_equivalent(trainer.model)
     if stage == 2:
-        job.enter_stage_two()
-    return job
+        trainer.enter_stage_two()
+    return trainer
 
 
 def _dense_forward(self, hidden_states, padding_mask=None):
@@ -120,9 +113,9 @@ def synthetic_batches(config, vocab: int, seed: int = 0, pool: int = 8) -> Itera
 
 def step(job, batches) -> float:
     """One trainer iteration; returns the loss (a host float: one sync, after the optimizer step)."""
-    from stablemoe_megatron.training.loop import train_step
+    from stablemoe_megatron.training.step import train_step
 
-    loss, _, nonfinite, _ = train_step(job, batches)
+    loss, _, nonfinite, _ = train_step(job.step_context(), batches)
     if nonfinite:
         raise RuntimeError("non-finite loss in the benchmark step")
     return loss
@@ -140,6 +133,8 @@ def release(job) -> None:
 # ------------------------------------------------------------------------------------------------
 def model_flops_per_token(config, vocab: int) -> Dict[str, float]:
     """Training FLOPs per token (forward x 3), split by part; see the module doc."""
+    from stablemoe_megatron.routing import get_routing
+
     m, moe = config.model, config.moe
     d, ffn, layers, seq = m.hidden_size, m.ffn_size, m.num_layers, m.seq_length
     v = padded_vocab(config, vocab)
@@ -160,8 +155,8 @@ def model_flops_per_token(config, vocab: int) -> Dict[str, float]:
         else:
             fwd["dense MLP"] = layers * 2 * 2 * d * ffn
         per_token_experts = 1.0
-        if moe.router == "expert-choice":
-            per_token_experts = moe.expert_capacity_factor or 2.0  # on average c experts per token
+        if not get_routing(moe.router).one_pair_per_token:  # expert choice: on average c experts per token
+            per_token_experts = moe.expert_capacity_factor or 2.0
         fwd["experts (active)"] = len(placement) * k * 2 * 2 * d * expert_ffn * per_token_experts
         fwd["router"] = len(placement) * 2 * d * moe.num_experts
     else:

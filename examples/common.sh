@@ -1,7 +1,10 @@
 #!/bin/bash
 # Shared argument arrays for the recipes in this directory (sourced, not run).
 #
-#   SIZE      tiny (CPU, minutes) | base | large   (paper Table 7)
+#   SIZE      tiny (CPU, minutes) | base | large (paper Table 7): the size/recipe file configs/$SIZE.yaml
+#             (model and MoE shape, batch, iterations, optimizer, intervals), given to the trainer as --config
+#   CONFIG_FILE  another size/recipe file instead of configs/$SIZE.yaml (see configs/README.md)
+#   EXPERTS / TRAIN_ITERS / MICRO / SEED  override the file's experts, iterations, micro-batch size, seed
 #   DATA_PATH Megatron blend or prefix of .bin/.idx data (default: the bundled corpus, tiny only)
 #   TOKENIZER_FLAGS tokenizer flags (default: GPT-2 BPE from $VOCAB_FILE/$MERGE_FILE for base/large,
 #                   the bundled corpus' SentencePiece model for tiny)
@@ -16,21 +19,26 @@ RUN_DIR=${RUN_DIR:-$REPO_DIR/runs/${RUN_NAME:-$(basename "$0" .sh)-$SIZE}}
 NPROC=${NPROC:-$([ "$SIZE" = tiny ] && echo 2 || echo 8)}
 NNODES=${NNODES:-1}
 
-case "$SIZE" in
-  tiny)   # a few minutes on 2 CPU cores
-    LAYERS=4; HIDDEN=128; FFN=512; HEADS=4; SEQ=128; EXPERTS=${EXPERTS:-4}; SUBLAYERS=2
-    MICRO=8; GLOBAL=32; ITERS=${TRAIN_ITERS:-400}; WARMUP=40; LR=1e-3
-    EVAL_INTERVAL=100; EVAL_ITERS=4; LOG_INTERVAL=20; SAVE_INTERVAL=200 ;;
-  base)   # paper: 12 layers, d 768, 32 experts of 3 sublayers, 512K tokens/batch, 60K steps
-    LAYERS=12; HIDDEN=768; FFN=3072; HEADS=12; SEQ=1024; EXPERTS=${EXPERTS:-32}; SUBLAYERS=3
-    MICRO=${MICRO:-8}; GLOBAL=512; ITERS=${TRAIN_ITERS:-60000}; WARMUP=2000; LR=6e-4
-    EVAL_INTERVAL=1000; EVAL_ITERS=50; LOG_INTERVAL=50; SAVE_INTERVAL=2000 ;;
-  large)  # paper: 24 layers, d 1024, 64 experts of 6 sublayers
-    LAYERS=24; HIDDEN=1024; FFN=4096; HEADS=16; SEQ=1024; EXPERTS=${EXPERTS:-64}; SUBLAYERS=6
-    MICRO=${MICRO:-4}; GLOBAL=512; ITERS=${TRAIN_ITERS:-60000}; WARMUP=2000; LR=3e-4
-    EVAL_INTERVAL=1000; EVAL_ITERS=50; LOG_INTERVAL=50; SAVE_INTERVAL=2000 ;;
-  *) echo "SIZE must be tiny, base or large (got $SIZE)" >&2; exit 2 ;;
-esac
+# size_config get|flags|list ...: read a size/recipe file (stablemoe_megatron/size_configs.py, no install needed)
+size_config() { python3 "$REPO_DIR/stablemoe_megatron/size_configs.py" "$@"; }
+CONFIG_FILE=${CONFIG_FILE:-$REPO_DIR/configs/$SIZE.yaml}
+if [ ! -f "$CONFIG_FILE" ]; then
+  echo "SIZE must be one of $(size_config list) (got $SIZE: no file $CONFIG_FILE)" >&2
+  exit 2
+fi
+# What the shell itself needs from the file: the experts (EP default), the sublayers (exported for the
+# recipes) and the iterations (stage 2 start).
+SIZE_VALUES=$(size_config get "$CONFIG_FILE" moe.num_experts moe.sublayers_per_expert training.train_iters)
+read -r CONFIG_EXPERTS SUBLAYERS CONFIG_ITERS <<< "$SIZE_VALUES"
+CONFIG_ARGS=(--config "$CONFIG_FILE")
+# The environment's overrides of the file: flags, which win over --config.
+OVERRIDE_ARGS=()
+if [ -n "${TRAIN_ITERS:-}" ]; then OVERRIDE_ARGS+=(--train-iters "$TRAIN_ITERS"); fi
+if [ -n "${MICRO:-}" ]; then OVERRIDE_ARGS+=(--micro-batch-size "$MICRO"); fi
+if [ -n "${SEED:-}" ]; then OVERRIDE_ARGS+=(--seed "$SEED"); fi
+EXPERT_ARGS=()  # the number of experts of the MoE recipes (pretrain_dense.sh empties it)
+if [ -n "${EXPERTS:-}" ]; then EXPERT_ARGS=(--num-experts "$EXPERTS"); else EXPERTS=$CONFIG_EXPERTS; fi
+ITERS=${TRAIN_ITERS:-$CONFIG_ITERS}
 
 if [ "$SIZE" = tiny ]; then
   DATA_DIR=${DATA_DIR:-$REPO_DIR/data/processed}
@@ -60,17 +68,10 @@ else
   DISTRIBUTED_ARGS+=(--master-port "${MASTER_PORT:-29500}")
 fi
 
-MODEL_ARGS=(--num-layers "$LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN" --num-attention-heads "$HEADS"
-            --seq-length "$SEQ" --max-position-embeddings "$SEQ" --hidden-dropout 0 --attention-dropout 0)
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
                --expert-model-parallel-size "$EP")
 if [ "$TP" -gt 1 ]; then PARALLEL_ARGS+=(--sequence-parallel); fi
-TRAINING_ARGS=(--micro-batch-size "$MICRO" --global-batch-size "$GLOBAL" --train-iters "$ITERS"
-               --lr "$LR" --min-lr 0 --lr-decay-style linear --lr-warmup-iters "$WARMUP"
-               --adam-beta1 0.9 --adam-beta2 0.98 --weight-decay 0.01 --clip-grad 0.1 --seed "${SEED:-1234}")
-if [ "$SIZE" != tiny ]; then TRAINING_ARGS+=(--bf16); fi
-OUTPUT_ARGS=(--save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval "$SAVE_INTERVAL"
-             --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL"
+OUTPUT_ARGS=(--save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
              --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-file "$RUN_DIR/metrics.jsonl")
 
 # stage2_start FRACTION: the iteration at which stage 2 starts, or nothing for "none" (stage 1 only).
@@ -80,11 +81,11 @@ stage2_start_args() {
   fi
 }
 
-# run_training ARGS...: launch the trainer with every array above plus the recipe's arguments.
+# run_training ARGS...: launch the trainer with the size file, every array above and the recipe's arguments.
 run_training() {
   mkdir -p "$RUN_DIR/checkpoints"
   local launcher=(torchrun "${DISTRIBUTED_ARGS[@]}")
   if [ "${DRY_RUN:-0}" = 1 ]; then launcher=(echo torchrun "${DISTRIBUTED_ARGS[@]}"); fi
-  "${launcher[@]}" -m stablemoe_megatron.train "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" \
-    "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${TOKENIZER_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
+  "${launcher[@]}" -m stablemoe_megatron.train "${CONFIG_ARGS[@]}" "${OVERRIDE_ARGS[@]}" "${EXPERT_ARGS[@]}" \
+    "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TOKENIZER_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
 }

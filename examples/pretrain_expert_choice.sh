@@ -4,6 +4,6 @@
 #   SIZE=tiny|base|large  CAPACITY_FACTOR=2
 # shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
-MOE_ARGS=(--num-experts "$EXPERTS" --moe-router expert-choice --moe-expert-capacity-factor "${CAPACITY_FACTOR:-2}"
-          --moe-layer-positions "${POSITIONS:-middle}" --moe-sublayers-per-expert "$SUBLAYERS")
+MOE_ARGS=(--moe-router expert-choice --moe-expert-capacity-factor "${CAPACITY_FACTOR:-2}"
+          --moe-layer-positions "${POSITIONS:-middle}")
 run_training "${MOE_ARGS[@]}" "$@"

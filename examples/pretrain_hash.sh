@@ -3,6 +3,5 @@
 #   SIZE=tiny|base|large
 # shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
-MOE_ARGS=(--num-experts "$EXPERTS" --moe-router hash --moe-hash-table "${HASH_TABLE:-random}"
-          --moe-layer-positions "${POSITIONS:-middle}" --moe-sublayers-per-expert "$SUBLAYERS")
+MOE_ARGS=(--moe-router hash --moe-hash-table "${HASH_TABLE:-random}" --moe-layer-positions "${POSITIONS:-middle}")
 run_training "${MOE_ARGS[@]}" "$@"

@@ -6,8 +6,7 @@
 # shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
 read -r -a STAGE2_ARGS <<< "$(stage2_start_args "${STAGE1_FRACTION:-0.1}")"
-MOE_ARGS=(--num-experts "$EXPERTS" --moe-router stablemoe --moe-layer-positions "${POSITIONS:-middle}"
-          --moe-sublayers-per-expert "$SUBLAYERS" --moe-balance-loss-coeff 0.3
+MOE_ARGS=(--moe-router stablemoe --moe-layer-positions "${POSITIONS:-middle}" --moe-balance-loss-coeff 0.3
           --moe-distill-router "${DISTILL_ROUTER:-wordemb}" --moe-distill-dim 50
           --moe-distill-layers "${DISTILL_LAYERS:-1}" "${STAGE2_ARGS[@]}")
 run_training "${MOE_ARGS[@]}" "$@"

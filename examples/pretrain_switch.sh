@@ -3,6 +3,5 @@
 #   SIZE=tiny|base|large
 # shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
-MOE_ARGS=(--num-experts "$EXPERTS" --moe-router switch --moe-layer-positions "${POSITIONS:-middle}"
-          --moe-sublayers-per-expert "$SUBLAYERS" --moe-aux-loss-coeff 0.01)
+MOE_ARGS=(--moe-router switch --moe-layer-positions "${POSITIONS:-middle}" --moe-aux-loss-coeff 0.01)
 run_training "${MOE_ARGS[@]}" "$@"

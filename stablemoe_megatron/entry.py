@@ -7,15 +7,11 @@ the way out so torchrun sees a clean exit.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
 from stablemoe_megatron.errors import ConfigError, TrainingStopped
-
-
-def first_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+from stablemoe_megatron.runtime import is_first_rank
 
 
 def shutdown() -> None:
@@ -34,7 +30,7 @@ def run_entry_point(prog: str, run: Callable, argv: Optional[Sequence[str]] = No
     try:
         run(argv)
     except ConfigError as exc:
-        if first_rank():
+        if is_first_rank():
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except TrainingStopped as exc:

@@ -29,8 +29,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from stablemoe_megatron.entry import first_rank, run_entry_point
+from stablemoe_megatron.entry import run_entry_point
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.runtime import is_first_rank
 
 PROG = "stablemoe-eval"
 EVAL_ONLY = ("eval_split", "eval_data_path", "moe_eval_stage", "full_split", "output")
@@ -69,8 +70,8 @@ def build_parser():
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     from stablemoe_megatron.cli_args import config_from_yaml_text
     from stablemoe_megatron.parallel import quiet_megatron_warnings
-    from stablemoe_megatron.training.checkpointing import CONFIG_FILE, resolve_load_dir
-    from stablemoe_megatron.training.setup import world_size_from_env
+    from stablemoe_megatron.checkpoint import CONFIG_FILE, resolve_load_dir
+    from stablemoe_megatron.runtime import world_size_from_env
 
     quiet_megatron_warnings()
     args = vars(build_parser().parse_args(argv))
@@ -92,10 +93,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     config.checkpoint.save = config.checkpoint.load = None
     config.logging.metrics_file = config.logging.tensorboard_dir = None  # never the training run's files
     config.logging.routing_probe_interval = None
-    if note and first_rank():
+    if note and is_first_rank():
         print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     result = evaluate_checkpoint(config, load_dir, extra["eval_split"], extra["moe_eval_stage"], extra["full_split"])
-    if first_rank():
+    if is_first_rank():
         text = json.dumps(result)
         print(text, flush=True)
         if extra["output"]:
@@ -148,33 +149,30 @@ def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int], full
     from megatron.core import parallel_state as ps
 
     from stablemoe_megatron import data as data_lib
+    from stablemoe_megatron.training.build import build, layout_of
     from stablemoe_megatron.training.checkpointing import load_checkpoint
-    from stablemoe_megatron.training.loop import evaluate
-    from stablemoe_megatron.training.setup import (
-        Job, initialize_and_build, layout_of, preflight, world_size_from_env)
+    from stablemoe_megatron.runtime import world_size_from_env
+    from stablemoe_megatron.training.step import evaluate
 
     world = world_size_from_env()
-    tokenizer, vocab, _, _ = preflight(config, world)
-    model, ddp, optimizer, scheduler, _ = initialize_and_build(config, vocab, world)
-    saved = load_checkpoint(load_dir, ddp, layout=layout_of(config), load_optim=False)
+    trainer = build(config, "evaluate")
+    saved = load_checkpoint(load_dir, trainer.ddp_model, layout=layout_of(config), load_optim=False)
     if saved.stage == 2 or stage == 2:
-        model.enter_stage_two()
-    datasets = data_lib.build_datasets(config, tokenizer, world, require_train=False, full_eval=full_split)
+        trainer.model.enter_stage_two()
+    datasets = data_lib.build_datasets(config, trainer.tokenizer, world, require_train=False, full_eval=full_split)
     dataset = datasets[2] if split == "test" else datasets[1]
     if dataset is None:
         raise ConfigError(f"the {split} split is empty: check --split or pass --eval-data-path")
-    micro, gbs = config.training.micro_batch_size, config.global_batch(world)
+    micro, gbs = config.training.micro_batch_size, trainer.global_batch
     iterations = len(dataset) // gbs if full_split else config.training.eval_iters
     if iterations < 1:
         raise ConfigError(f"the {split} split holds {len(dataset)} samples, less than one global batch ({gbs}): "
                           f"lower --micro-batch-size / --global-batch-size")
-    job = Job(config, model, ddp, optimizer, scheduler, None, saved, tokenizer,
-              config.num_microbatches(world), gbs, None)
     factory = lambda: data_lib.micro_batches(dataset, 0, micro, ps.get_data_parallel_rank(),  # noqa: E731
                                              ps.get_data_parallel_world_size(), config.data.num_workers)
-    loss = evaluate(job, factory, iterations)
+    loss = evaluate(trainer.step_context(), factory, iterations)
     result = {"split": split, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "iteration": saved.iteration,
-              "stage": model.moe_stage if config.moe.enabled else None, "samples": iterations * gbs,
+              "stage": trainer.model.stage if config.moe.enabled else None, "samples": iterations * gbs,
               "tokens": iterations * gbs * config.model.seq_length, "checkpoint": str(load_dir)}
     if full_split:
         result["split_samples"] = len(dataset)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.runtime import global_rank, world_size_from_env
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def initialize_distributed(
     quiet_megatron_warnings()
     cpu_compat.apply()
     if not torch.distributed.is_initialized():
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        rank = global_rank() if rank is None else rank  # no process group yet: torchrun's RANK
+        world_size = world_size_from_env() if world_size is None else world_size
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         if torch.cuda.is_available():

@@ -13,6 +13,6 @@ def pytest_configure(config):
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_worker_pools():
     yield
-    from stablemoe_megatron.testing import shutdown_pools
+    from distributed import shutdown_pools
 
     shutdown_pools()

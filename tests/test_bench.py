@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

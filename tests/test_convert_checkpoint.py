@@ -13,7 +13,7 @@ from stablemoe_megatron.export.convert import import_rank, reshard_rank
 from stablemoe_megatron.export.dist_reader import TorchDistCheckpoint
 from stablemoe_megatron.export.exporter import export_checkpoint
 from stablemoe_megatron.export.summary import describe
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 from test_convert_helpers import evaluate, model_tensors, trained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -48,7 +48,7 @@ def random_checkpoint(argv, out_dir: str, ids: torch.Tensor, stage: int = 1) -> 
 
     from stablemoe_megatron.cli_args import dump_config, parse_config
     from stablemoe_megatron.model.gpt import build_model, transformer_config
-    from stablemoe_megatron.training.checkpointing import CONFIG_FILE, STATE_FILE, TRACKER
+    from stablemoe_megatron.checkpoint import CONFIG_FILE, STATE_FILE, TRACKER
 
     config = parse_config(argv)
     model = build_model(config.model, config.moe, 512, transformer_config(config.model, config.moe))
@@ -98,7 +98,7 @@ def trained_checkpoint(tmp_path_factory) -> dict:
         from data_fixtures import tiny_dataset
         from trainer_cases import tiny_flags
 
-        from stablemoe_megatron.testing import run_distributed
+        from distributed import run_distributed
 
         data = tiny_dataset(tmp_path_factory.mktemp("convert_data"))
         run = tmp_path_factory.mktemp("convert_run") / "ckpt"

@@ -334,7 +334,7 @@ def _rank_batches(config, cache, steps):
 
 def test_all_ranks_build_rank_zero_first(tiny, tokenizer, tmp_path):
     """Rank 0 builds and caches the indices, the other rank loads them after the barrier: same data."""
-    from stablemoe_megatron.testing import run_distributed
+    from distributed import run_distributed
 
     config = make_config(tiny, ["0.3", tiny["prefix"], "0.7", tiny["prefix2"]],
                          valid_data_path=[tiny["valid_prefix"]])

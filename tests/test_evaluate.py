@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_fixtures import tiny_dataset
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 from trainer_cases import tiny_flags, train
 
 

@@ -16,7 +16,7 @@ from stablemoe_megatron.export.exporter import export_checkpoint
 from stablemoe_megatron.export.inference import generate, perplexity
 from stablemoe_megatron.export.model import ExportedGPT
 from stablemoe_megatron.export.safetensors_io import SafetensorsFile, SafetensorsWriter, storage_order
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 from test_convert_helpers import base_flags, megatron_logits, random_checkpoint, token_batch, trained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_cases import BATCH, SEQ, batch, build_gpt, positions, tiny_config
-from stablemoe_megatron.testing import (
+from distributed import (
     global_tensors,
     load_global_tensors,
     max_abs_diff_to_global,

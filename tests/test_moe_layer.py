@@ -1,8 +1,9 @@
 """MoE layer behaviour inside the GPT model: aux losses of every layer, metrics, host-side routing
 without device syncs, capacity dropping, Expert Choice causality at evaluation, and the stage switch.
 
-Every check recomputes the expected value independently (plain torch formulas from SPEC sections
-2-4 on the hidden states captured at the router's input), never from the layer's own outputs.
+Every check recomputes the expected value independently (plain torch formulas from
+docs/ALGORITHMS.md §2-4 on the hidden states captured at the router's input), never from the
+layer's own outputs.
 Functions run by ``run_distributed`` are module-level so the worker processes can import them.
 """
 import math
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from moe_cases import BATCH, EXPERTS, SEQ, VOCAB, batch, positions
-from stablemoe_megatron.testing import global_tensors, load_global_tensors, run_distributed
+from distributed import global_tensors, load_global_tensors, run_distributed
 
 HIDDEN = 32
 
@@ -65,7 +66,7 @@ def seq_major(ids):
     return ids.t().reshape(-1)
 
 
-# Independent formulas (SPEC sections 2 and 4), written out with plain torch ops.
+# Independent formulas (docs/ALGORITHMS.md §2 and §4), written out with plain torch ops.
 def manual_switch_losses(hidden, weight, aux_coeff, z_coeff):
     logits = hidden.float() @ weight.t()
     probs = torch.softmax(logits, dim=-1)
@@ -247,7 +248,7 @@ def _host_token_ids_run(case, stage_two):
     model = build(**case)
     if stage_two:
         model.enter_stage_two()
-        assert model.moe_stage == 2
+        assert model.stage == 2
     for layer in model.moe_layers:
         layer.keep_last_decision = True
     tokens, labels = batch(ps.get_data_parallel_rank())
@@ -393,7 +394,7 @@ def _capacity_parallel(case, weights, ref_losses, ref_grads):
     from megatron.core import parallel_state as ps
 
     from moe_cases import reduce_grads_like_megatron
-    from stablemoe_megatron.testing import max_abs_diff_to_global
+    from distributed import max_abs_diff_to_global
 
     reset_aux_scale()
     model = build(**case)
@@ -427,7 +428,7 @@ ROUTER_SCALE = 30.0
 
 
 def expected_kth(inputs, weight, capacity_factor=2.0):
-    """The k-th largest router probability of each expert over the call's tokens (SPEC 4)."""
+    """The k-th largest router probability of each expert over the call's tokens (docs/ALGORITHMS.md §4)."""
     probs = torch.softmax(inputs.hidden.detach().float() @ weight.detach().t(), dim=-1)
     k = max(1, min(probs.shape[0], math.floor(probs.shape[0] * capacity_factor / EXPERTS + 0.5)))
     return probs.sort(dim=0, descending=True).values[k - 1]
@@ -540,7 +541,7 @@ def _stage_switch_token_id_router(layout):
     calls = capture_router_calls(model)
     tokens, labels = repeated_id_batch()
     ids = seq_major(tokens)
-    out = {"stage_before": model.moe_stage,
+    out = {"stage_before": model.stage,
            "distilled_trainable_before": all(p.requires_grad for r in model.distilled_routers()
                                              for p in r.distilled.parameters())}
     # stage 1: the same id is routed by its hidden state
@@ -550,7 +551,7 @@ def _stage_switch_token_id_router(layout):
     model.moe_metrics()
 
     model.enter_stage_two()
-    out["stage_after"] = model.moe_stage
+    out["stage_after"] = model.stage
     out["distilled_frozen"] = all(not p.requires_grad for r in model.distilled_routers()
                                   for p in r.distilled.parameters())
     for c in calls.values():
@@ -622,7 +623,7 @@ def _stage_switch_context_router(distill, cut):
     (got_changed, want_changed) = experts[1]
     first = (cut + 1) * BATCH  # seq-major rows of positions <= cut
     return dict(
-        stage=model.moe_stage,
+        stage=model.stage,
         frozen=all(not p.requires_grad for p in distilled.parameters()),
         distilled_grads=[p.grad for p in distilled.parameters()],
         routes_by_distilled_scores=torch.equal(got, want) and torch.equal(got_changed, want_changed),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_cases import batch, build, forward_backward, positions, reduce_grads_like_megatron
-from stablemoe_megatron.testing import (
+from distributed import (
     global_tensors,
     load_global_tensors,
     max_abs_diff_to_global,

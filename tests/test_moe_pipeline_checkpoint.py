@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moe_cases import BATCH, EXPERTS, SEQ, VOCAB, batch, build, positions
-from stablemoe_megatron.testing import (
+from distributed import (
     global_tensors,
     load_global_tensors,
     max_abs_diff_to_global,

@@ -3,7 +3,6 @@ loads, and exits 0; under torchrun with the launcher ignoring USR1 (slurm/launch
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import tiny_dataset
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
+from stablemoe_megatron.runtime import free_port
 from trainer_cases import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,12 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("preemption_data"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_iteration(metrics: Path, proc, at_least: int, timeout: float = 240.0) -> int:
@@ -69,7 +63,7 @@ def test_sigusr1_saves_a_loadable_checkpoint_and_exits_0(data, tmp_path):
     argv = tiny_flags(data, **{"--train-iters": 100000, "--save": save, "--metrics-file": metrics,
                                "--moe-stage2-start-iter": 2})
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONPATH=str(REPO))
+               MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
     proc = _start([sys.executable, "-m", "stablemoe_megatron.train", *argv], env)
     _wait_for_iteration(metrics, proc, 3)
     proc.send_signal(signal.SIGUSR1)
@@ -93,7 +87,7 @@ def test_sigusr1_to_the_whole_step_under_torchrun(data, tmp_path):
     argv = tiny_flags(data, **{"--train-iters": 100000, "--save": save, "--metrics-file": metrics,
                                "--expert-model-parallel-size": 2})
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(_free_port()), "-m", "stablemoe_megatron.train", *argv]
+                "--master-port", str(free_port()), "-m", "stablemoe_megatron.train", *argv]
     env = dict(os.environ, PYTHONPATH=str(REPO), PREEMPT_MARKER=str(tmp_path / "preempted"), OMP_NUM_THREADS="1")
     proc = _start(["bash", str(REPO / "slurm" / "launch_node.sh"), *torchrun], env, start_new_session=True)
     _wait_for_iteration(metrics, proc, 3)

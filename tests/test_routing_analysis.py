@@ -1,6 +1,7 @@
-"""Routing analysis without training: SPEC-5 curves on hand-computed histories, load statistics,
-the probe history on disk (append, resume truncation, incompatible layouts), the routed-expert
-extraction, the logged load statistics, and the report on a synthetic history."""
+"""Routing analysis without training: fluctuation curves (docs/ALGORITHMS.md §5) on hand-computed
+histories, load statistics, the probe history on disk (append, resume truncation, incompatible
+layouts), the routed-expert extraction, the logged load statistics, and the report on a synthetic
+history."""
 import json
 
 import numpy as np
@@ -145,7 +146,7 @@ def test_in_memory_history_and_wide_expert_ids():
 
 
 def test_routed_expert_is_the_highest_gate_or_none():
-    from stablemoe_megatron.analysis.probe import routed_expert_ids
+    from stablemoe_megatron.training.probe import routed_expert_ids
     from stablemoe_megatron.moe.routers import RoutingDecision
 
     # expert choice: token 0 picked by experts 1 (0.2) and 2 (0.5), token 1 by nobody, token 2 by expert 0

@@ -12,7 +12,7 @@ import pytest
 from data_fixtures import tiny_dataset
 from stablemoe_megatron.analysis.history import CURVE, PROBE_DIR, ProbeHistory
 from stablemoe_megatron.analysis.locate import locate_history
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 
 ITERS, EVERY, SWITCH_AT, TOKENS = 20, 4, 8, 256
 

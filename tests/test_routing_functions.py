@@ -1,8 +1,8 @@
 """Routing functions against plainly written loop references (one token / expert at a time).
 
 Covers StableMoE (scores, greedy, gate, balance loss), distillation, Switch (probs, top-1, aux
-loss, z-loss), hash tables, expert choice (+ causal threshold routing), capacity dropping and the
-registry. BASE's auction has its own file (test_routing_base_auction.py).
+loss, z-loss), hash tables, expert choice (+ causal threshold routing) and capacity dropping. BASE's
+auction has its own file (test_routing_base_auction.py), the registry too (test_router_registry.py).
 """
 import math
 import random
@@ -10,12 +10,11 @@ import random
 import pytest
 import torch
 
-from stablemoe_megatron import routing
 from stablemoe_megatron.routing import (
     balance_loss, capacity_keep_mask, centroid_scores, distillation_agreement, distillation_loss,
     distilled_assignment, expert_capacity, expert_capacity_per_expert, expert_choice_assignment,
-    frequency_balanced_hash_table, get_routing, greedy_assignment, hash_assignment,
-    kth_largest_probs, random_hash_table, router_probs, routing_names, sigmoid_gate, chosen_sigmoid_gate,
+    frequency_balanced_hash_table, greedy_assignment, hash_assignment,
+    kth_largest_probs, random_hash_table, router_probs, sigmoid_gate, chosen_sigmoid_gate,
     switch_aux_loss, threshold_assignment, tokens_per_expert, top1, z_loss,
 )
 
@@ -505,37 +504,3 @@ def test_capacity_keep_mask_matches_reference(num_tokens, num_experts, factor):
     assert keep.dtype == torch.bool
     assert keep.tolist() == ref_keep_mask(expert_ids.tolist(), priority.tolist(), num_experts, capacity)
     assert capacity_keep_mask(expert_ids, priority, num_experts, 0).sum() == 0
-
-
-# ---------------------------------------------------------------- registry
-
-
-def test_registry_names_and_properties():
-    assert routing_names() == ["base", "dense", "expert_choice", "hash", "stablemoe", "switch"]
-    expected = {  # name: (learned, token_choice, uses_token_ids, gate)
-        "stablemoe": (True, True, False, "sigmoid"),
-        "switch": (True, True, False, "softmax"),
-        "base": (True, True, False, "sigmoid"),
-        "hash": (False, True, True, "none"),
-        "expert_choice": (True, False, False, "softmax"),
-        "dense": (False, False, False, "none"),
-    }
-    for name, (learned, token_choice, uses_ids, gate) in expected.items():
-        algorithm = get_routing(name)
-        assert algorithm.name == name and algorithm.description
-        assert (algorithm.learned, algorithm.token_choice, algorithm.uses_token_ids, algorithm.gate) == \
-            (learned, token_choice, uses_ids, gate)
-
-
-def test_registry_unknown_name_and_conflicts():
-    with pytest.raises(KeyError, match="known: base, dense, expert_choice, hash, stablemoe, switch"):
-        get_routing("top2")
-    same = get_routing("hash")
-    assert routing.register_routing("hash", learned=same.learned, token_choice=same.token_choice,
-                                    uses_token_ids=same.uses_token_ids, gate=same.gate,
-                                    description=same.description) == same
-    with pytest.raises(ValueError, match="already registered"):
-        routing.register_routing("hash", learned=True, token_choice=True, uses_token_ids=True,
-                                 gate="none", description="x")
-    with pytest.raises(ValueError, match="gate"):
-        routing.RoutingAlgorithm("x", True, True, False, "relu", "x")

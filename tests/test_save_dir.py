@@ -11,7 +11,7 @@ import pytest
 
 from data_fixtures import tiny_dataset
 from stablemoe_megatron.errors import ConfigError
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 from stablemoe_megatron.training.save_dir import SaveDirLock
 from trainer_cases import tiny_flags, train
 

@@ -3,7 +3,6 @@ exit; a kill -9 of the launcher (out-of-memory, lost shell) does not leave the w
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,8 @@ import psutil
 import pytest
 
 from data_fixtures import tiny_dataset
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
+from stablemoe_megatron.runtime import free_port
 from stablemoe_megatron.training.signals import LauncherWatch, StopSignals
 from trainer_cases import tiny_flags, train
 
@@ -25,18 +25,12 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("signals_data"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(data, tmp_path):
     save, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     argv = tiny_flags(data, **{"--train-iters": 100000, "--save": save, "--metrics-file": metrics,
                                "--expert-model-parallel-size": 2, "--moe-stage2-start-iter": 2})
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "stablemoe_megatron.train", *map(str, argv)]
+               str(free_port()), "-m", "stablemoe_megatron.train", *map(str, argv)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log = open(tmp_path / "out.log", "w")
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

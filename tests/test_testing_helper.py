@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stablemoe_megatron.testing import DistributedTestError, run_distributed
+from distributed import DistributedTestError, run_distributed
 
 
 def _layout():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_fixtures import tiny_dataset
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 from trainer_cases import losses_by_iteration, tiny_flags, train
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import tiny_dataset
-from stablemoe_megatron.testing import run_distributed
+from distributed import run_distributed
 from trainer_cases import losses_by_iteration, tiny_flags, train
 
 ITERS = 16

@@ -50,25 +50,28 @@ def train_and_inspect_frozen_router(argv):
     import torch
 
     from stablemoe_megatron.cli_args import parse_config
-    from stablemoe_megatron.training import setup
+    from stablemoe_megatron.training.build import build
     from stablemoe_megatron.training.loop import train_loop
     from stablemoe_megatron.training.reporting import Reporter
 
     config = parse_config(argv)
-    job = setup.prepare(config)
-    train_loop(job, Reporter(None, None, config.training.train_iters))
-    params = [p for r in job.model.distilled_routers() for p in r.distilled.parameters()]
-    in_optimizer = {id(p) for group in job.optimizer.param_groups for p in group["params"]}
-    probe = torch.arange(job.tokenizer.vocab_size).view(1, -1)
-    routes = [r.distilled.scores(probe).argmax(-1).squeeze(0) for r in job.model.distilled_routers()]
+    trainer = build(config, "train")
+    try:
+        train_loop(trainer, Reporter(None, None, config.training.train_iters))
+    finally:
+        trainer.release()
+    params = [p for r in trainer.model.distilled_routers() for p in r.distilled.parameters()]
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    probe = torch.arange(trainer.tokenizer.vocab_size).view(1, -1)
+    routes = [r.distilled.scores(probe).argmax(-1).squeeze(0) for r in trainer.model.distilled_routers()]
     return {
-        "stage": job.state.stage,
+        "stage": trainer.state.stage,
         "params": [p.detach().clone() for p in params],
-        "snapshot": [p.clone() for p in job.frozen_snapshot],
+        "snapshot": [p.clone() for p in trainer.stage.frozen_snapshot],
         "requires_grad": [p.requires_grad for p in params],
         "in_megatron_optimizer": any(id(p) in in_optimizer for p in params),
-        "side_optimizer": job.side_optimizer is not None,
-        "tables": [r.expert_table.clone() for r in job.model.distilled_routers()],
+        "side_optimizer": trainer.side_optimizer is not None,
+        "tables": [r.expert_table.clone() for r in trainer.model.distilled_routers()],
         "routes": routes,
     }
 
@@ -78,14 +81,17 @@ def hash_tables_after_training(argv):
     from stablemoe_megatron import data as data_lib
     from stablemoe_megatron.cli_args import parse_config
     from stablemoe_megatron.routing import frequency_balanced_hash_table
-    from stablemoe_megatron.training import setup
+    from stablemoe_megatron.training.build import build
     from stablemoe_megatron.training.loop import train_loop
     from stablemoe_megatron.training.reporting import Reporter
 
     config = parse_config(argv)
-    job = setup.prepare(config)
-    train_loop(job, Reporter(None, None, config.training.train_iters))
-    vocab = job.model.moe_layers[0].router.table.numel()
+    trainer = build(config, "train")
+    try:
+        train_loop(trainer, Reporter(None, None, config.training.train_iters))
+    finally:
+        trainer.release()
+    vocab = trainer.model.moe_layers[0].router.table.numel()
     expected = frequency_balanced_hash_table(data_lib.token_counts(config.data, vocab),
                                              config.moe.num_experts, config.moe.hash_seed)
-    return [layer.router.table.clone() for layer in job.model.moe_layers], expected
+    return [layer.router.table.clone() for layer in trainer.model.moe_layers], expected

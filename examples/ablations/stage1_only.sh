@@ -9,7 +9,6 @@ set -euo pipefail
 export RUN_NAME=${RUN_NAME:-ablation-stage1-only-${SIZE:-tiny}}
 # shellcheck source=examples/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-MOE_ARGS=(--num-experts "$EXPERTS" --moe-router stablemoe --moe-layer-positions "${POSITIONS:-middle}"
-          --moe-sublayers-per-expert "$SUBLAYERS" --moe-balance-loss-coeff 0.3
+MOE_ARGS=(--moe-router stablemoe --moe-layer-positions "${POSITIONS:-middle}" --moe-balance-loss-coeff 0.3
           --moe-distill-router "${DISTILL_ROUTER:-wordemb}" --moe-distill-dim 50)
 run_training "${MOE_ARGS[@]}" "$@"

@@ -4,7 +4,7 @@
 * :mod:`.load` - per-layer expert-load statistics (min/max/mean/CV, dead experts, max/mean).
 * :mod:`.history` - the probe history on disk (``<--save>/routing_probe/``), survives resume.
 * :mod:`.locate` - finds a run's history from its run, save or routing_probe directory.
-* :mod:`.probe` - :class:`~.probe.RoutingProbe`, driven by the trainer every N iterations.
+* the routing probe that records the histories is a training callback: :mod:`stablemoe_megatron.training.probe`.
 * :mod:`.report` / :mod:`.plots` - PNG plots and a markdown report over one or more runs.
 """
 from stablemoe_megatron.analysis.fluctuation import (

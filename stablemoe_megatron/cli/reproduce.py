@@ -7,16 +7,16 @@ Trains every variant at equal compute (below) with the trainer (``torchrun -m
 stablemoe_megatron.train``), one after the other, then writes into ``--output``:
 
 * ``results.md`` / ``results.json``: valid and test perplexity, training tokens/s, routing
-  fluctuation (SPEC 5: % of probe tokens whose routed expert still changes after 20 / 50 / 80 % of
+  fluctuation (docs/ALGORITHMS.md §5: % of probe tokens whose routed expert still changes after 20 / 50 / 80 % of
   training), wall time, and the exact command of every run;
 * ``report/``: the routing report of the MoE runs (``stablemoe-routing-report``: fluctuation
   curves on one axes, expert load, distillation agreement) and ``loss_curves.png``;
 * one directory per variant with its ``train.log``, ``metrics.jsonl`` and ``routing_probe/``.
 
 Equal compute: every variant sees the same tokens in the same order (same seed, data, global
-batch and iterations), with the same shared backbone (examples/common.sh ``SIZE=tiny``: 4 layers,
-d 128, FFN 512, 4 heads, seq 128, global batch 32, Adam (0.9, 0.98), lr 1e-3 with 10 % warm-up and
-linear decay, clip 0.1, dropout 0). All MoE variants add ONE
+batch and iterations), with the same shared backbone (``configs/tiny.yaml``, the recipes' ``SIZE=tiny``:
+4 layers, d 128, FFN 512, 4 heads, seq 128, global batch 32, Adam (0.9, 0.98), lr 1e-3 with linear
+decay, clip 0.1, dropout 0; here with 10 % warm-up and one evaluation at the end). All MoE variants add ONE
 MoE block after block L/2 of N=4 experts, each a stack of K=2 FFN sublayers, and are top-1
 (one expert stack per token: the same active FLOPs), except Expert Choice, run with capacity
 factor 1 (k = T/N tokens per expert: the same expert FLOPs per batch, on average one expert per
@@ -31,6 +31,8 @@ interrupted reproduction continues where it stopped; ``--fresh`` deletes the out
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import math
 import os
@@ -44,12 +46,24 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from stablemoe_megatron.size_configs import load_size, to_flags
+
 PROG = "reproduce"
 REPO = Path(__file__).resolve().parents[2]
 
-# examples/common.sh SIZE=tiny, except the iteration count and the evaluation schedule
-TINY = dict(layers=4, hidden=128, ffn=512, heads=4, seq=128, experts=4, sublayers=2, micro=8, global_batch=32,
-            lr="1e-3", log_interval=20)
+# the size of every variant: configs/tiny.yaml (the recipes' SIZE=tiny), except the iterations, the warm-up,
+# the evaluation schedule and the seed (train_flags)
+SIZE = "tiny"
+
+
+@functools.lru_cache(maxsize=None)
+def _size() -> dict:
+    return load_size(SIZE)
+
+
+def tiny_size() -> dict:
+    """configs/tiny.yaml as {section: {field: value}} (a copy)."""
+    return copy.deepcopy(_size())
 
 # name -> (paper's name, MoE flags); "{stage2}" is replaced by 10 % of the iterations
 VARIANTS: "OrderedDict[str, tuple]" = OrderedDict([
@@ -85,29 +99,26 @@ def _free_port() -> int:
 
 def train_flags(name: str, run_dir: Path, args) -> List[str]:
     """Trainer flags of one variant (see the module doc for what is shared)."""
-    t, data = TINY, Path(args.data_dir)
-    iters = args.train_iters
-    flags = ["--num-layers", t["layers"], "--hidden-size", t["hidden"], "--ffn-hidden-size", t["ffn"],
-             "--num-attention-heads", t["heads"], "--seq-length", t["seq"], "--max-position-embeddings", t["seq"],
-             "--hidden-dropout", 0, "--attention-dropout", 0,
-             "--micro-batch-size", t["micro"], "--global-batch-size", t["global_batch"], "--train-iters", iters,
-             "--lr", t["lr"], "--min-lr", 0, "--lr-decay-style", "linear", "--lr-warmup-iters", max(1, iters // 10),
-             "--adam-beta1", 0.9, "--adam-beta2", 0.98, "--weight-decay", 0.01, "--clip-grad", 0.1,
-             "--seed", args.seed,
+    data, iters = Path(args.data_dir), args.train_iters
+    size = tiny_size()
+    moe_shape = size.pop("moe")  # the MoE variants' experts and sublayers (below)
+    size.pop("checkpoint", None)  # checkpoints only with --keep-checkpoints (below)
+    size["optimizer"]["lr_warmup_iters"] = max(1, iters // 10)
+    size["training"].update(train_iters=iters, eval_interval=iters, eval_iters=args.eval_iters, seed=args.seed)
+    flags = [*to_flags(size),
              "--data-path", data / "corpus_train_text_document", "--split", "100,0,0",
              "--valid-data-path", data / "corpus_valid_text_document",
              "--test-data-path", data / "corpus_test_text_document",
              "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data / "spm.model",
-             "--eval-interval", iters, "--eval-iters", args.eval_iters, "--log-interval", t["log_interval"],
              "--metrics-file", run_dir / "metrics.jsonl"]
     if args.keep_checkpoints:  # the probe history then lives under the --save directory
         flags += ["--save", run_dir / "checkpoints", "--save-interval", iters]
     _, moe = VARIANTS[name]
     if moe:
-        experts = 1 if name == "dense-ffn" else t["experts"]
+        experts = 1 if name == "dense-ffn" else moe_shape["num_experts"]
         ep = min(experts, args.nproc)
         flags += ["--num-experts", experts, "--moe-layer-positions", "middle",
-                  "--moe-sublayers-per-expert", t["sublayers"], "--expert-model-parallel-size", ep]
+                  "--moe-sublayers-per-expert", moe_shape["sublayers_per_expert"], "--expert-model-parallel-size", ep]
         flags += [f.replace("{stage2}", str(max(1, iters // 10))) for f in moe]
         flags += ["--routing-probe-interval", args.probe_interval, "--routing-probe-tokens", args.probe_tokens]
     return [str(f) for f in flags]
@@ -307,14 +318,16 @@ def write_results(rows: Sequence[dict], out: Path, args, total_wall: float) -> D
     curves = plot_loss_curves(rows, report_dir / "loss_curves.png")
     if curves:
         written["loss_curves"] = curves
-    settings = (f"{args.train_iters} iterations x {TINY['global_batch']} x {TINY['seq']} tokens "
-                f"({args.train_iters * TINY['global_batch'] * TINY['seq']:,} training tokens), "
-                f"{args.nproc} process(es), evaluation on {args.eval_iters} x {TINY['global_batch']} sequences, "
+    size = tiny_size()
+    batch, seq = size["training"]["global_batch_size"], size["model"]["seq_length"]
+    settings = (f"{args.train_iters} iterations x {batch} x {seq} tokens "
+                f"({args.train_iters * batch * seq:,} training tokens), "
+                f"{args.nproc} process(es), evaluation on {args.eval_iters} x {batch} sequences, "
                 f"routing probe of {args.probe_tokens} validation tokens every {args.probe_interval} iterations")
     md = [f"# Reproduction on the bundled corpus\n", settings + f"; total wall time {total_wall / 60:.1f} min.\n",
           results_table(rows), "",
           "Fluctuation: % of probe tokens whose routed expert (the highest-gate one for Expert Choice) at some "
-          "probe after x % of training differs from their expert at the final probe (SPEC 5; mean over MoE "
+          "probe after x % of training differs from their expert at the final probe (docs/ALGORITHMS.md §5; mean over MoE "
           "layers).", "", "Commands:", ""]
     md += [f"- `{r['variant']}`: `{r['command']}`" for r in rows]
     (out / "results.md").write_text("\n".join(md) + "\n")

@@ -9,9 +9,10 @@
 * :mod:`.inference`       perplexity and greedy generation with an ExportedGPT
 * :mod:`.sharded`         import / reshard inside a process group (megatron's dist_checkpointing)
 * :mod:`.summary`         what a checkpoint holds (convert_checkpoint inspect)
-* :mod:`.convert`         import and reshard (top level)
-* :mod:`.world`           the CPU process group the command-line tool starts for import / reshard
+* :mod:`.convert`         import and reshard (top level; starts its own CPU process group)
 
+The checkpoint format (file names, train state, atomic publishing) is
+:mod:`stablemoe_megatron.checkpoint`'s; nothing here imports the trainer (:mod:`stablemoe_megatron.training`).
 The command line is ``tools/convert_checkpoint.py`` (:mod:`stablemoe_megatron.cli.convert_checkpoint`).
 Importing this package imports nothing beyond torch; megatron-core is imported by the functions
 that need it.

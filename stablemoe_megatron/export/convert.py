@@ -2,14 +2,15 @@
 
 :func:`import_export` and :func:`reshard_checkpoint` check everything they can in the calling
 process, then run :func:`import_rank` / :func:`reshard_rank` on a fresh CPU process group of the
-target layout (:mod:`.world`). The rank functions work in any initialised group of the target
+target layout (:func:`_run_on_cpu_ranks`). The rank functions work in any initialised group of the target
 layout (the tests call them in their own workers). See :mod:`.sharded` for what is written.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.export import names
@@ -26,6 +27,18 @@ def _check_output(out_root, overwrite: bool) -> None:
 def _vocab_size(config, tokenizer_vocab: Optional[int], rows: int) -> int:
     """Rows of the target model's embedding: the trainer's padding of the tokenizer's vocabulary."""
     return config.model.padded_vocab_size(tokenizer_vocab or rows, config.parallel.tensor_model_parallel_size)
+
+
+def _run_on_cpu_ranks(fn: Callable, world: int, sizes: Tuple[int, int, int], args: tuple) -> None:
+    """Run ``fn(*args)`` on ``world`` fresh local CPU processes with megatron's parallel_state set up
+    for ``sizes`` (tp, pp, ep). The tool starts them itself (no torchrun): conversion is I/O and
+    copying, so it runs on a login or CPU node. A worker's ConfigError comes back as a ConfigError,
+    any other failure as a RuntimeError with the worker's traceback; the other workers are stopped."""
+    from stablemoe_megatron.parallel import ParallelSizes, initialize_distributed
+    from stablemoe_megatron.runtime import run_world
+
+    run_world(fn, world, functools.partial(initialize_distributed, ParallelSizes(*sizes)), args,
+              what="conversion")
 
 
 # -- import -------------------------------------------------------------------------------------
@@ -74,14 +87,13 @@ def import_export(export_dir, out_root, tp: int = 1, pp: int = 1, ep: int = 1, o
                   log: Callable[[str], None] = print) -> Path:
     """Import ``export_dir`` into ``out_root`` (a run directory: iter_* + tracker) at (tp, pp, ep)."""
     from stablemoe_megatron.export.sharded import min_world_size, target_config
-    from stablemoe_megatron.export.world import run_world
 
     exported, run = _imported_run_config(export_dir)
     target_config(run, tp, pp, ep)  # layout errors before any process starts
     _check_output(out_root, overwrite)
     world = min_world_size(tp, pp, ep)
     log(f"importing {export_dir} at TP {tp} PP {pp} EP {ep} with {world} CPU process(es) into {out_root}")
-    run_world(import_rank, world, (tp, pp, ep), (str(export_dir), str(out_root), tp, pp, ep))
+    _run_on_cpu_ranks(import_rank, world, (tp, pp, ep), (str(export_dir), str(out_root), tp, pp, ep))
     return Path(out_root)
 
 
@@ -112,7 +124,6 @@ def reshard_checkpoint(src, out_root, tp: int = 1, pp: int = 1, ep: int = 1, ove
     """Reshard checkpoint ``src`` (run dir or iter dir) into run directory ``out_root``."""
     from stablemoe_megatron.export.dist_reader import TorchDistCheckpoint
     from stablemoe_megatron.export.sharded import min_world_size, target_config
-    from stablemoe_megatron.export.world import run_world
 
     ckpt = TorchDistCheckpoint(src)
     target_config(ckpt.config, tp, pp, ep)
@@ -122,5 +133,5 @@ def reshard_checkpoint(src, out_root, tp: int = 1, pp: int = 1, ep: int = 1, ove
     world = min_world_size(tp, pp, ep)
     log(f"resharding {ckpt.directory} (layout {ckpt.state.layout}) to TP {tp} PP {pp} EP {ep} with {world} "
         f"CPU process(es) into {out_root}; optimizer state is not carried over (resume with --no-load-optim)")
-    run_world(reshard_rank, world, (tp, pp, ep), (str(ckpt.directory), str(out_root), tp, pp, ep))
+    _run_on_cpu_ranks(reshard_rank, world, (tp, pp, ep), (str(ckpt.directory), str(out_root), tp, pp, ep))
     return Path(out_root)

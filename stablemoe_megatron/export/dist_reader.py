@@ -9,12 +9,19 @@ a checkpoint of any size and layout is read with one tensor in memory at a time.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from stablemoe_megatron.checkpoint import (
+    CONFIG_FILE,
+    DCP_METADATA,
+    MEGATRON_METADATA,
+    read_train_state,
+    resolve_load_dir,
+)
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.export import names
 
@@ -34,12 +41,11 @@ class TorchDistCheckpoint:
 
     def __init__(self, path):
         from stablemoe_megatron.cli_args import config_from_yaml_text
-        from stablemoe_megatron.training.checkpointing import CONFIG_FILE, read_train_state, resolve_load_dir
 
         if not Path(path).is_dir():
             raise ConfigError(f"{path}: no such checkpoint directory")
         self.directory = resolve_load_dir(path)
-        for needed in (CONFIG_FILE, ".metadata", "metadata.json"):
+        for needed in (CONFIG_FILE, DCP_METADATA, MEGATRON_METADATA):
             if not (self.directory / needed).is_file():
                 raise ConfigError(f"{self.directory}: no {needed}; not a complete torch_dist checkpoint "
                                   f"of this project")
@@ -78,7 +84,7 @@ class TorchDistCheckpoint:
     def iterations(self) -> List[int]:
         """Every complete iteration saved in the run directory of this checkpoint."""
         root = self.directory.parent
-        found = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / ".metadata").is_file()]
+        found = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / DCP_METADATA).is_file()]
         return sorted(found)
 
     # -- reading ------------------------------------------------------------------------------
@@ -99,9 +105,3 @@ class TorchDistCheckpoint:
         """The tokenizer's vocabulary size recorded at save time (None in older checkpoints)."""
         return getattr(self.state, "tokenizer_vocab_size", None) or None
 
-
-def train_state_fields() -> set:
-    """Field names of the trainer's TrainState (a newer trainer may have added some)."""
-    from stablemoe_megatron.training.checkpointing import TrainState
-
-    return {f.name for f in fields(TrainState)}

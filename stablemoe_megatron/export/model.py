@@ -6,7 +6,8 @@
 It computes the function of megatron-core's GPTModel as this project builds it: token (+ learned
 position) embeddings; per layer ``x += Attn(Norm(x))`` (causal, softmax scale 1/sqrt(head_dim),
 optional RoPE) and ``x += MLP(Norm(x))`` (fc1, exact GeLU, fc2, no biases); a final norm; logits
-against the (tied) embedding. MoE layers use the evaluation-time routing of the trainer (SPEC 1-4):
+against the (tied) embedding. MoE layers use the evaluation-time routing of the trainer: the
+``eval_routing`` of the router's registered algorithm (:mod:`stablemoe_megatron.routing.registry`):
 
 * stablemoe / base: s = E h, expert argmax s (stage 1) or the distilled router's argmax (stage
   2), gate sigmoid(s[expert]);  switch: softmax(W h), top-1 (or distilled in stage 2), gate = its
@@ -134,20 +135,25 @@ class ExpertSublayer(nn.Module):
         return F.linear(F.gelu(F.linear(x, self.fc1.weight[expert])), self.fc2.weight[expert])
 
 
+_BUFFER_DTYPES = {"long": torch.long, "float": None, "bool": torch.bool}  # None: the default float dtype
+
+
 class MoE(nn.Module):
-    """One MoE layer (evaluation routing, see the module doc); returns only the added term."""
+    """One MoE layer (evaluation routing, see the module doc); returns only the added term.
+
+    Its tensors follow the router's algorithm: ``router.weight`` [N, d] when it is learned, its
+    ``state_buffers`` (hash table [V], Expert Choice thresholds [N] ...), the distilled router.
+    """
 
     def __init__(self, config: ExportedConfig, moe: MoEExport, sublayers: int, paper_block: bool):
         super().__init__()
-        self.kind, self.num_experts, self.stage = moe.router, moe.num_experts, moe.routing_stage
+        self.algorithm = routing.get_routing(moe.router)
+        self.num_experts, self.stage = moe.num_experts, moe.routing_stage
         self.paper_block = paper_block
-        if self.kind == "hash":
-            self.register_buffer("hash_table", torch.zeros(config.vocab_size, dtype=torch.long))
-        else:
-            self.router = _Weight(moe.num_experts, config.hidden_size)
-        if self.kind == "expert-choice":
-            self.register_buffer("thresholds", torch.zeros(moe.num_experts))
-            self.register_buffer("thresholds_initialized", torch.zeros((), dtype=torch.bool))
+        self.router = _Weight(moe.num_experts, config.hidden_size) if self.algorithm.learned else None
+        sizes = {"vocab": (config.vocab_size,), "experts": (moe.num_experts,), "scalar": ()}
+        for buffer in self.algorithm.state_buffers:
+            self.register_buffer(buffer.name, torch.zeros(sizes[buffer.size], dtype=_BUFFER_DTYPES[buffer.dtype]))
         self.distilled = None
         if moe.distilled_router is not None:
             from stablemoe_megatron.routing.distilled import build_distilled_router
@@ -159,23 +165,17 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([ExpertSublayer(config, moe, paper_block) for _ in range(sublayers)])
 
     def route(self, flat: torch.Tensor, token_ids: torch.Tensor):
-        """(token_index [A], expert_index [A], gates [A]) for flat hidden ``[T, d]``, ids ``[B, S]``."""
-        tokens = torch.arange(flat.shape[0], device=flat.device)
-        if self.kind == "hash":
-            return tokens, self.hash_table[token_ids.reshape(-1)], torch.ones(flat.shape[0], device=flat.device)
-        if self.kind == "expert-choice":
-            probs = routing.router_probs(flat.float() @ self.router.weight.float().t())
-            return routing.threshold_assignment(probs, self.thresholds)
-        if self.kind in ("stablemoe", "base"):
-            scores = routing.centroid_scores(flat, self.router.weight)
-        else:  # switch
-            scores = routing.router_probs(flat.float() @ self.router.weight.float().t())
+        """(token_index [A], expert_index [A], gates [A]) for flat hidden ``[T, d]``, ids ``[B, S]``.
+
+        The algorithm's evaluation routing; in stage 2 the distilled router's argmax [T] chooses
+        the experts and the algorithm supplies the gates.
+        """
+        experts = None
         if self.stage == 2:
             experts = routing.distilled_assignment(self.distilled(token_ids).reshape(-1, self.num_experts))
-        else:
-            experts = scores.argmax(dim=-1)
-        chosen = scores.gather(1, experts.unsqueeze(1)).squeeze(1)
-        return tokens, experts, torch.sigmoid(chosen) if self.kind in ("stablemoe", "base") else chosen
+        weight = self.router.weight if self.router is not None else None
+        state = {buffer.name: getattr(self, buffer.name) for buffer in self.algorithm.state_buffers}
+        return self.algorithm.eval_routing(flat, weight, token_ids.reshape(-1), state, experts)
 
     def expert_delta(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """z_K - x of expert ``expert`` (paper block) or FFN_e(x) (Megatron layout)."""

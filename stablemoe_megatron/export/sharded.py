@@ -20,17 +20,16 @@ marked ``model_only``, so resuming training asks for ``--no-load-optim``; evalua
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
 
+from stablemoe_megatron.checkpoint import TrainState, write_iteration
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.runtime import barrier, global_rank
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -60,13 +59,9 @@ def build_target_state(config, vocab_size: int) -> Dict[str, object]:
     """This rank's shards to write: megatron's sharded_state_dict, materialised (empty), one writer each."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from stablemoe_megatron.model.gpt import build_model, transformer_config
+    from stablemoe_megatron.model.gpt import build_model, transformer_config_for
 
-    p = config.parallel
-    tconfig = transformer_config(config.model, config.moe, tensor_parallel=p.tensor_model_parallel_size,
-                                 pipeline_parallel=p.pipeline_model_parallel_size,
-                                 expert_parallel=p.expert_model_parallel_size,
-                                 sequence_parallel=p.sequence_parallel, bf16=config.training.bf16)
+    tconfig = transformer_config_for(config)
     with torch.device("meta"):
         model = build_model(config.model, config.moe, vocab_size, tconfig)
     sharded = model.sharded_state_dict()
@@ -95,7 +90,7 @@ def _elect_writers(entries) -> set:
     alone, because expert LayerNorms under TP x EP carry the TP rank as replica index although
     the TP ranks hold different experts (no rank would write experts' norms there).
     """
-    rank = torch.distributed.get_rank()
+    rank = global_rank()
     mine = [(e.key, tuple(e.global_offset), _as_tuple(e.replica_id)) for e in entries]
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
@@ -155,34 +150,16 @@ def _resize_vocab(entry, source: torch.Tensor, vocab_limit: Optional[int]) -> to
     return resized
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank()
-
-
 def save_model_checkpoint(state: Dict[str, object], out_root, config_yaml: str, train_state: dict) -> Path:
-    """Collective: write ``out_root/iter_XXXXXXX`` (atomically: ``.tmp`` then rename) and the tracker."""
+    """Collective: write ``out_root/iter_XXXXXXX`` and the tracker, atomically (the checkpoint
+    format's protocol, the trainer's too), holding the model's shards only."""
     from megatron.core import dist_checkpointing
 
-    from stablemoe_megatron.training.checkpointing import CONFIG_FILE, STATE_FILE, TRACKER, iteration_dir
+    def write_payload(directory: Path) -> None:
+        dist_checkpointing.save({"model": state}, str(directory))
 
-    final = iteration_dir(out_root, train_state["iteration"])
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        Path(out_root).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    torch.distributed.barrier()
-    dist_checkpointing.save({"model": state}, str(tmp))
-    torch.distributed.barrier()
-    if _rank() == 0:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        tracker = Path(out_root) / (TRACKER + ".tmp")
-        tracker.write_text(f"{train_state['iteration']}\n")
-        os.replace(tracker, Path(out_root) / TRACKER)
-    torch.distributed.barrier()
+    final = write_iteration(out_root, train_state["iteration"], write_payload, config_yaml, train_state)
+    barrier()
     return final
 
 
@@ -194,10 +171,6 @@ def model_only_layout(config, converted_by: str) -> dict:
 
 
 def train_state_dict(iteration: int, consumed: int, stage: int, layout: dict, tokenizer_vocab: Optional[int]) -> dict:
-    """A train_state.json body with the fields the trainer's TrainState knows."""
-    from stablemoe_megatron.export.dist_reader import train_state_fields
-
-    values = {"iteration": iteration, "consumed_train_samples": consumed, "stage": stage, "layout": layout,
-              "tokenizer_vocab_size": tokenizer_vocab or 0}
-    known = train_state_fields()
-    return {k: v for k, v in values.items() if k in known}
+    """A train_state.json body (the checkpoint format's TrainState, as a dict)."""
+    return asdict(TrainState(iteration=iteration, consumed_train_samples=consumed, stage=stage, layout=layout,
+                             tokenizer_vocab_size=tokenizer_vocab or 0))

@@ -1,11 +1,13 @@
 """The GPT model: megatron-core's GPTModel that hands token ids to its MoE layers.
 
 :func:`transformer_config` turns our config dataclasses into megatron's ``TransformerConfig``
-(CPU-safe flags when CUDA is absent), :func:`build_model` builds this rank's pipeline stage.
+(CPU-safe flags when CUDA is absent); :func:`transformer_config_for` does it for a whole RunConfig
+(model, MoE, parallel layout, precision: what the trainer and the checkpoint converter build);
+:func:`build_model` builds this rank's pipeline stage.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -15,7 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from stablemoe_megatron.model.config import ModelConfig
 from stablemoe_megatron.model.specs import HAVE_TE, decoder_block_spec
 from stablemoe_megatron.moe.config import MoEConfig
-from stablemoe_megatron.moe.layer import StableMoELayer
+from stablemoe_megatron.model.moe_host import MoEHost
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: int = 1,
@@ -25,7 +27,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: i
 
     Bias-free linear layers (megatron's MoE expert path requires ``add_bias_linear=False``).
     Without CUDA: CPU initialisation, no fused kernels, and non-batched p2p (batched p2p gives
-    wrong pipeline gradients under gloo; see ../shared/MEGATRON_CPU.md).
+    wrong pipeline gradients under gloo; see docs/MEGATRON_CPU.md).
     """
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -48,55 +50,36 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: i
     return TransformerConfig(**kwargs)
 
 
-class StableMoEGPTModel(GPTModel):
+def transformer_config_for(run) -> TransformerConfig:
+    """megatron TransformerConfig of a RunConfig: its model, MoE, parallel layout and bf16 setting.
+
+    The one translation of a run's settings, so a model built by the trainer and one built by the
+    checkpoint converter for the same RunConfig have the same sharding.
+    """
+    p = run.parallel
+    return transformer_config(run.model, run.moe, tensor_parallel=p.tensor_model_parallel_size,
+                              pipeline_parallel=p.pipeline_model_parallel_size,
+                              expert_parallel=p.expert_model_parallel_size,
+                              sequence_parallel=p.sequence_parallel, bf16=run.training.bf16)
+
+
+class StableMoEGPTModel(MoEHost, GPTModel):
     """GPTModel whose forward also takes the token ids (and their CPU copy) for the MoE routers.
 
     ``token_ids`` default to ``input_ids``; pass ``input_ids`` on every pipeline stage (megatron
     only embeds them on the first). ``host_token_ids`` (the batch before it was moved to the GPU)
     lets token-id routing (hash, frozen StableMoE) count tokens per expert without a device sync.
+    The MoE hooks (stage, metrics, token-id plumbing) come from :class:`~.moe_host.MoEHost`.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.moe_layers: List[StableMoELayer] = [m for m in self.modules() if isinstance(m, StableMoELayer)]
+        self.collect_moe_layers()
 
     def forward(self, input_ids, position_ids, attention_mask, *args, token_ids=None,
                 host_token_ids=None, **kwargs):
-        ids = input_ids if token_ids is None else token_ids
-        for layer in self.moe_layers:
-            layer.set_token_ids(ids, host_token_ids)
+        self.hand_token_ids(input_ids if token_ids is None else token_ids, host_token_ids)
         return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
-
-    # -- stages and metrics (the trainer drives these) ------------------------------------------
-    def distilled_routers(self):
-        return [layer.router for layer in self.moe_layers if getattr(layer.router, "distilled", None) is not None]
-
-    def enter_stage_two(self) -> None:
-        """Freeze every distilled router (idempotent)."""
-        for router in self.distilled_routers():
-            if not router.frozen:
-                router.freeze_distilled()
-
-    @property
-    def moe_stage(self) -> int:
-        routers = self.distilled_routers()
-        return 2 if routers and all(r.frozen for r in routers) else 1
-
-    def moe_metrics(self, reset: bool = True) -> Dict[int, Dict[str, torch.Tensor]]:
-        """{global layer number: metric snapshot} for this stage's MoE layers."""
-        out = {}
-        for layer in self.moe_layers:
-            out[layer.layer_number] = layer.metrics.snapshot()
-            if reset:
-                layer.metrics.reset()
-        return out
-
-    def finalize_moe_step(self, dp_group=None) -> None:
-        """Per-optimizer-step router bookkeeping (Expert Choice thresholds)."""
-        for layer in self.moe_layers:
-            finalize = getattr(layer.router, "finalize_step", None)
-            if finalize is not None:
-                finalize(dp_group)
 
 
 def build_model(model: ModelConfig, moe: MoEConfig, vocab_size: int, config: TransformerConfig,

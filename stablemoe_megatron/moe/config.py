@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.routing.registry import distillable_names, get_routing, routing_names
 
-ROUTERS = ("stablemoe", "switch", "base", "hash", "expert-choice")
+# The --moe-router choices, from the routing registry (stablemoe_megatron.routing.registry; listing
+# them imports nothing). Facts about a router (distillable, its default distilled router) come from
+# get_routing, which imports the router's torch functions: asked only when validating or building.
+ROUTERS = routing_names()
 LAYER_POSITIONS = ("middle", "bottom", "top", "scattered")
 DISTILL_ROUTERS = ("wordemb", "cnn", "transformer")
-# Routers whose top-1 choice can be distilled into a token-id router and frozen (paper Table 5).
-DISTILLABLE_ROUTERS = ("stablemoe", "switch", "base")
 
 
 @dataclass
@@ -74,9 +76,10 @@ class MoEConfig:
 
     @property
     def effective_distill_router(self) -> Optional[str]:
+        """--moe-distill-router, or the router's default distilled router (StableMoE's: wordemb)."""
         if self.distill_router is not None:
             return self.distill_router
-        return "wordemb" if self.router == "stablemoe" else None
+        return get_routing(self.router).default_distill_router if self.router in ROUTERS else None
 
     def validate(self, num_layers: int, train_iters: Optional[int] = None) -> None:
         """Raise ConfigError naming the flag for any inconsistent setting."""
@@ -99,9 +102,9 @@ class MoEConfig:
         distill = self.effective_distill_router
         if distill is not None and distill not in DISTILL_ROUTERS:
             raise ConfigError(f"--moe-distill-router must be one of {', '.join(DISTILL_ROUTERS)}")
-        if distill is not None and self.router not in DISTILLABLE_ROUTERS:
+        if distill is not None and not get_routing(self.router).distillable:
             raise ConfigError(
-                f"--moe-distill-router works with the top-1 learned routers ({', '.join(DISTILLABLE_ROUTERS)}); "
+                f"--moe-distill-router works with the top-1 learned routers ({', '.join(distillable_names())}); "
                 f"--moe-router {self.router} has nothing to distil: drop --moe-distill-router")
         if self.stage2_start_iter is not None:
             if distill is None:

@@ -1,7 +1,7 @@
 """Expert computation: megatron-core's expert MLPs, stacked K deep for the paper's layout.
 
-Paper layout (SPEC 1): each expert is a stack of K pre-LayerNorm FFN sublayers, each with its own
-residual, ``z_k = z_{k-1} + FFN_k(LN_k(z_{k-1}))``, and the MoE layer adds
+Paper layout (docs/ALGORITHMS.md §1): each expert is a stack of K pre-LayerNorm FFN sublayers,
+each with its own residual, ``z_k = z_{k-1} + FFN_k(LN_k(z_{k-1}))``, and the MoE layer adds
 ``g_t * (z_K - h_t)`` to the residual stream: the stack's own change of the hidden state, scaled by
 one gate over the whole stack. ``h + g * (z_K - h)`` equals fairseq's BASE/StableMoE layer
 ``g * expert(h) + (1 - g) * h``. Megatron layout: K = 1, no inner norm or residual (the transformer

@@ -1,19 +1,25 @@
 """Megatron adapters around the pure routing functions of :mod:`stablemoe_megatron.routing`.
 
-A router holds the routing parameters (centroids ``E`` / a gate projection ``W``, the distilled
-token-id router ``D, E^``), calls the pure functions, and does the communication they must not do:
-under sequence parallelism a data-parallel rank's micro-batch is split over the tensor-parallel
-ranks, so counts are summed over the TP group (and BASE / Expert Choice solve on the gathered
-scores). ``forward`` returns a :class:`RoutingDecision` of (token, expert, gate) pairs.
+A router module holds the routing parameters (centroids ``E`` / a gate projection ``W``, the
+distilled token-id router ``D, E^``), calls its algorithm's pure functions (the
+:class:`~stablemoe_megatron.routing.RoutingAlgorithm` registered under ``--moe-router``), and does
+the communication those must not do: under sequence parallelism a data-parallel rank's micro-batch
+is split over the tensor-parallel ranks, so counts are summed over the TP group (and BASE / Expert
+Choice solve on the gathered scores). ``forward`` returns a :class:`RoutingDecision` of
+(token, expert, gate) pairs.
 
-Counting set (SPEC 2): |A_i|, n_bar = T/N and the T that normalises the per-token losses are
-counted over the micro-batch of one data-parallel rank: all tokens of that micro-batch, summed over
-its TP/SP shards, but not over other data-parallel or expert-parallel ranks (each computes its
-own). That is the paper's per-GPU batch, and it needs no communication beyond the TP group.
+One generic module runs every learned top-1 algorithm (:class:`TokenChoiceRouter`); two hold state
+of their own: :class:`HashRouter` (the token-id table) and :class:`ExpertChoiceRouter` (the
+evaluation thresholds). The algorithm's ``adapter`` names which (:func:`router_class`).
 
-Distil-and-freeze (SPEC 2-3) composes with the learned top-1 routers (stablemoe, switch, base):
-in stage 1 the distilled router learns to predict the router's top-1 choice (cross-entropy against
-the detached choice); :meth:`TokenChoiceRouter.freeze_distilled` ends stage 1: from then on the
+Counting set: |A_i|, n_bar = T/N and the T that normalises the per-token losses are counted over
+the micro-batch of one data-parallel rank: all tokens of that micro-batch, summed over its TP/SP
+shards, but not over other data-parallel or expert-parallel ranks (each computes its own). That is
+the paper's per-GPU batch, and it needs no communication beyond the TP group.
+
+Distil-and-freeze composes with the distillable top-1 routers (stablemoe, switch, base): in stage 1
+the distilled router learns to predict the router's top-1 choice (cross-entropy against the
+detached choice); :meth:`TokenChoiceRouter.freeze_distilled` ends stage 1: from then on the
 distilled router decides the expert from the token ids alone, its parameters are frozen (no grad,
 excluded from the optimizer by the trainer), and the gate still comes from the backbone score.
 """
@@ -69,10 +75,15 @@ class RouterInputs:
 
 
 class RouterBase(MegatronModule):
-    """Shared plumbing: TP-group counting, parameters replicated over TP with SP-reduced grads."""
+    """Shared plumbing: TP-group counting, parameters replicated over TP with SP-reduced grads.
+
+    Also the :class:`~stablemoe_megatron.routing.registry.RoutingContext` its algorithm's
+    ``train_routing`` is given (:meth:`count`, :meth:`over_micro_batch`, :meth:`loss_coeff`).
+    """
 
     def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
         super().__init__(config=config)
+        self.algorithm = routing.get_routing(moe.router)
         self.moe = moe
         self.num_experts = moe.num_experts
         self.vocab_size = vocab_size
@@ -97,7 +108,7 @@ class RouterBase(MegatronModule):
         """T of the counting set: the DP rank's micro-batch, all of its SP shards."""
         return num_local_tokens * (self.tp_size if self._sequence_split() else 1)
 
-    def _counting(self, expert_ids: torch.Tensor):
+    def count(self, expert_ids: torch.Tensor):
         """(tokens_per_expert [N], T) over the DP rank's micro-batch (summed over TP under SP)."""
         counts = routing.tokens_per_expert(expert_ids, self.num_experts)
         if self._sequence_split():
@@ -117,6 +128,15 @@ class RouterBase(MegatronModule):
         rank = self.tp_group.rank() if self._sequence_split() else 0
         return slice(rank * num_local, (rank + 1) * num_local)
 
+    def over_micro_batch(self, fn, local: torch.Tensor):
+        """``fn`` of the whole micro-batch's rows of ``local`` [T_local, ...] (gathered over the SP
+        shards, no autograd), this rank's T_local rows of the result."""
+        return fn(self._gather_over_sequence(local))[self._local_rows(local.shape[0])]
+
+    def loss_coeff(self, loss: str) -> float:
+        """Weight of the loss term ``loss``: the MoEConfig field ``<loss>_coeff``."""
+        return getattr(self.moe, f"{loss}_coeff")
+
     def _new_weight(self, rows: int, cols: int) -> torch.nn.Parameter:
         weight = torch.empty(rows, cols, dtype=torch.float32)
         self.config.init_method(weight)
@@ -130,10 +150,12 @@ def _mean_gate(gates: torch.Tensor) -> torch.Tensor:
 
 
 class TokenChoiceRouter(RouterBase):
-    """Top-1 learned routing with optional distil-and-freeze and capacity dropping.
+    """Learned top-1 routing (every ``top1`` algorithm) with optional distil-and-freeze and
+    capacity dropping.
 
-    Subclasses define ``scores`` (the backbone routing scores [T, N]), ``assign`` (stage-1
-    assignment and its losses) and ``gate`` (gate of a given expert from the backbone scores).
+    The algorithm supplies the backbone scores ``[T, N]`` (``scores``), the stage-1 routing and
+    its unweighted losses (``train_routing``) and the gate of given experts (``chosen_gate``);
+    this module weights the losses, adds the distillation loss and drops over capacity.
     """
 
     def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
@@ -151,20 +173,30 @@ class TokenChoiceRouter(RouterBase):
         self._host_table: Optional[torch.Tensor] = None
         self.register_buffer("expert_table", None, persistent=False)
 
-    # -- subclass hooks ------------------------------------------------------------------------
+    # -- the algorithm -------------------------------------------------------------------------
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Backbone routing scores [T, N] of hidden [T, d]."""
+        return self.algorithm.scores(hidden, self.weight)
 
     def assign(self, scores: torch.Tensor):
-        """Stage-1 routing: (expert_ids [T], gates [T], aux_loss scalar, metrics)."""
-        raise NotImplementedError
+        """Stage-1 routing: (expert_ids [T], gates [T], aux_loss scalar, metrics).
 
-    def gate(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        aux_loss is the coefficient-weighted sum of the algorithm's losses (detached outside
+        training); each weighted term is also a metric under its name.
+        """
+        expert_ids, gates, losses = self.algorithm.train_routing(scores, self)
+        aux_loss, metrics = None, {}
+        for name, loss in losses.items():
+            weighted = self.loss_coeff(name) * loss
+            metrics[name] = weighted.detach()
+            aux_loss = weighted if aux_loss is None else aux_loss + weighted
+        if aux_loss is None:
+            return expert_ids, gates, scores.new_zeros(()), metrics
+        return expert_ids, gates, (aux_loss if self.training else aux_loss.detach()), metrics
 
     def chosen_gate(self, hidden: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Gates [T] of given experts (stage 2); subclasses may skip the [T, N] scores."""
-        return self.gate(self.scores(hidden), expert_ids)
+        """Gates [T] of given experts (stage 2), without the [T, N] scores where the gate allows."""
+        return self.algorithm.chosen_gate(hidden, self.weight, expert_ids)
 
     # -- distilled router ----------------------------------------------------------------------
     @property
@@ -220,7 +252,7 @@ class TokenChoiceRouter(RouterBase):
             if self.distilled is not None:
                 aux_loss = aux_loss + self._distill(inputs, expert_ids, metrics)
         token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
-        one_pair_per_token = True
+        one_pair_per_token = self.algorithm.one_pair_per_token
         if self.moe.expert_capacity_factor is not None and self.training:
             keep = self._capacity_keep(expert_ids, gates)
             token_index, expert_ids, gates = token_index[keep], expert_ids[keep], gates[keep]
@@ -251,71 +283,6 @@ class TokenChoiceRouter(RouterBase):
         return keep[self._local_rows(expert_ids.shape[0])]
 
 
-class CentroidRouter(TokenChoiceRouter):
-    """Scores ``s = E h`` against expert centroids and a sigmoid gate of the chosen score
-    (StableMoE and BASE); in stage 2 only the chosen expert's score is computed."""
-
-    def scores(self, hidden):
-        return routing.centroid_scores(hidden, self.weight)
-
-    def gate(self, scores, expert_ids):
-        return routing.sigmoid_gate(scores, expert_ids)
-
-    def chosen_gate(self, hidden, expert_ids):
-        return routing.chosen_sigmoid_gate(hidden, self.weight, expert_ids)
-
-
-class StableMoERouter(CentroidRouter):
-    """SPEC 2: s = E h, greedy argmax, sigmoid gate, balance loss (alpha = balance_loss_coeff)."""
-
-    def assign(self, scores):
-        expert_ids = routing.greedy_assignment(scores)
-        gates = self.gate(scores, expert_ids)
-        counts, num_tokens = self._counting(expert_ids)
-        loss = self.moe.balance_loss_coeff * routing.balance_loss(scores, expert_ids, counts, num_tokens)
-        return expert_ids, gates, (loss if self.training else loss.detach()), {"balance_loss": loss.detach()}
-
-
-class SwitchRouter(TokenChoiceRouter):
-    """Switch Transformer: top-1 of softmax(W h), gate = its probability, aux loss N sum f_i P_i."""
-
-    def scores(self, hidden):
-        return hidden.float() @ self.weight.float().t()  # logits
-
-    def gate(self, logits, expert_ids):
-        probs = routing.router_probs(logits)
-        return probs.gather(1, expert_ids.unsqueeze(1)).squeeze(1)
-
-    def assign(self, logits):
-        probs = routing.router_probs(logits)
-        expert_ids, gates = routing.top1(probs)
-        counts, num_tokens = self._counting(expert_ids)
-        aux = self.moe.aux_loss_coeff * routing.switch_aux_loss(probs, expert_ids, counts, num_tokens)
-        metrics = {"aux_loss": aux.detach()}
-        if self.moe.z_loss_coeff:
-            z = self.moe.z_loss_coeff * routing.z_loss(logits, num_tokens)
-            metrics["z_loss"] = z.detach()
-            aux = aux + z
-        return expert_ids, gates, (aux if self.training else aux.detach()), metrics
-
-
-class BaseLayerRouter(CentroidRouter):
-    """BASE layer: exact balanced assignment (auction) in training, greedy at inference, sigmoid gate.
-
-    Under sequence parallelism the assignment is solved on the scores of the whole micro-batch
-    (gathered over the TP group, identical on every TP rank) and each rank keeps its rows.
-    """
-
-    def assign(self, scores):
-        if not self.training:
-            expert_ids = routing.greedy_assignment(scores)
-        else:
-            with torch.no_grad():
-                full = self._gather_over_sequence(scores.detach())
-                expert_ids = routing.balanced_assignment(full)[self._local_rows(scores.shape[0])]
-        return expert_ids, self.gate(scores, expert_ids), scores.new_zeros(()), {}
-
-
 class HashRouter(RouterBase):
     """Hash layer: a fixed token-id -> expert table, gate 1, no routing parameters.
 
@@ -341,7 +308,7 @@ class HashRouter(RouterBase):
         self._host_table = self.table.cpu().clone()
 
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
-        expert_ids = self.table[inputs.token_ids]
+        expert_ids = self.algorithm.train_routing(inputs.token_ids, self.table)
         host_counts = None
         if inputs.host_token_ids is not None:
             host_counts = torch.bincount(self._host_table[inputs.host_token_ids], minlength=self.num_experts)
@@ -349,7 +316,7 @@ class HashRouter(RouterBase):
         token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
         zero = inputs.hidden.new_zeros((), dtype=torch.float32)
         return RoutingDecision(token_index, expert_ids, gates, zero, host_counts, {"mean_gate": _mean_gate(gates)},
-                               one_pair_per_token=True)
+                               one_pair_per_token=self.algorithm.one_pair_per_token)
 
 
 class ExpertChoiceRouter(RouterBase):
@@ -373,8 +340,9 @@ class ExpertChoiceRouter(RouterBase):
         self._kth_sum = None
         self._kth_count = 0
 
-    def scores(self, hidden):
-        return hidden.float() @ self.weight.float().t()
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, N] of hidden [T, d]."""
+        return self.algorithm.scores(hidden, self.weight)
 
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
         logits = self.scores(inputs.hidden)
@@ -384,14 +352,14 @@ class ExpertChoiceRouter(RouterBase):
         if self.training:
             full = self._gather_over_sequence(probs.detach())
             k = routing.expert_capacity(full.shape[0], self.num_experts, self.capacity_factor)
-            token_index, expert_index, _ = routing.expert_choice_assignment(full, k)
+            token_index, expert_index, _ = self.algorithm.train_routing(full, k)
             if self._sequence_split():  # keep this rank's rows (a boolean mask: a device sync)
                 rows = self._local_rows(num_local)
                 local = (token_index >= rows.start) & (token_index < rows.stop)
                 token_index, expert_index = token_index[local] - rows.start, expert_index[local]
             self._accumulate_kth(routing.kth_largest_probs(full, k))
-            if self.moe.z_loss_coeff:
-                aux = self.moe.z_loss_coeff * routing.z_loss(logits, self._counting_size(num_local))
+            if self.loss_coeff("z_loss"):
+                aux = self.loss_coeff("z_loss") * routing.z_loss(logits, self._counting_size(num_local))
                 metrics["z_loss"] = aux.detach()
         else:
             token_index, expert_index, _ = routing.threshold_assignment(probs, self.thresholds)
@@ -400,7 +368,8 @@ class ExpertChoiceRouter(RouterBase):
         routed[token_index] = True
         metrics["dropped_fraction"] = 1.0 - routed.float().mean()
         metrics["mean_gate"] = _mean_gate(gates)
-        return RoutingDecision(token_index, expert_index, gates, aux, None, metrics)
+        return RoutingDecision(token_index, expert_index, gates, aux, None, metrics,
+                               one_pair_per_token=self.algorithm.one_pair_per_token)
 
     def _accumulate_kth(self, kth: torch.Tensor) -> None:
         self._kth_sum = kth if self._kth_sum is None else self._kth_sum + kth
@@ -424,18 +393,18 @@ class ExpertChoiceRouter(RouterBase):
         self._kth_sum, self._kth_count = None, 0
 
 
-ROUTER_CLASSES = {
-    "stablemoe": StableMoERouter,
-    "switch": SwitchRouter,
-    "base": BaseLayerRouter,
-    "hash": HashRouter,
+# The router module of each adapter kind (RoutingAlgorithm.adapter); keyed by kind, not by router
+# name: which routers exist is the registry's business.
+ADAPTER_CLASSES = {
+    "top1": TokenChoiceRouter,
+    "hash-table": HashRouter,
     "expert-choice": ExpertChoiceRouter,
 }
 
 
 def router_class(name: str):
-    """The router adapter for ``--moe-router name`` (also accepts ``expert_choice``)."""
-    key = name.replace("_", "-")
-    if key not in ROUTER_CLASSES:
-        raise KeyError(f"unknown --moe-router {name!r}; choices: {', '.join(ROUTER_CLASSES)}")
-    return ROUTER_CLASSES[key]
+    """The router module class for ``--moe-router name``: the one of its algorithm's adapter kind.
+
+    ``KeyError`` listing the choices for an unknown name.
+    """
+    return ADAPTER_CLASSES[routing.get_routing(name).adapter]

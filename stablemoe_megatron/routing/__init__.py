@@ -1,72 +1,55 @@
 """Routing algorithms as pure torch functions (tensors in, tensors out; no process groups).
 
-One module per algorithm; each registers a :class:`RoutingAlgorithm` (see :mod:`.types`) so the
-MoE layer and the command line can ask what an algorithm needs:
+One module per algorithm; each defines and registers its :class:`RoutingAlgorithm` (see
+:mod:`.registry`) under its ``--moe-router`` name, so the command line, the Megatron model and the
+exported model ask the registry what an algorithm does instead of comparing names:
 
-================  ==========================================================================
-``stablemoe``     :mod:`.stablemoe` (stage 1) + :mod:`.distill` / :mod:`.distilled` (stage 2)
-``switch``        :mod:`.switch`
-``base``          :mod:`.base` (balanced auction in training, greedy at inference)
-``hash``          :mod:`.hash`
-``expert_choice`` :mod:`.expert_choice` (threshold routing at evaluation)
-``dense``         no MoE layer (registered here; no functions)
-================  ==========================================================================
+=================  =========================================================================
+``stablemoe``      :mod:`.stablemoe` (stage 1) + :mod:`.distill` / :mod:`.distilled` (stage 2)
+``switch``         :mod:`.switch`
+``base``           :mod:`.base` (balanced auction in training, greedy at inference)
+``hash``           :mod:`.hash`
+``expert-choice``  :mod:`.expert_choice` (threshold routing at evaluation)
+=================  =========================================================================
 
 Losses are UNWEIGHTED per-token means over a "counting set" (see :mod:`.common`).
-Importing this package imports torch only. The distilled-router modules live in
-:mod:`stablemoe_megatron.routing.distilled` (torch.nn) and are not imported here.
+
+Importing this package imports nothing heavy: the names it exports (``_EXPORTS``) are loaded from
+their modules (torch) on first access (``routing.centroid_scores`` or ``from ... import``), so the
+registry and the command line that asks it stay free of torch. The distilled-router modules live in
+:mod:`stablemoe_megatron.routing.distilled` (torch.nn).
 """
-from .base import balanced_assignment, balanced_capacities
-from .capacity import capacity_keep_mask, expert_capacity_per_expert
-from .common import tokens_per_expert
-from .distill import distillation_agreement, distillation_loss, distilled_assignment
-from .expert_choice import (
-    expert_capacity,
-    expert_choice_assignment,
-    kth_largest_probs,
-    threshold_assignment,
-)
-from .hash import frequency_balanced_hash_table, hash_assignment, random_hash_table
-from .stablemoe import balance_loss, centroid_scores, chosen_sigmoid_gate, greedy_assignment, sigmoid_gate
-from .switch import router_probs, switch_aux_loss, top1, z_loss
-from .types import RoutingAlgorithm, get_routing, register_routing, routing_names
+from __future__ import annotations
 
-register_routing(
-    "dense",
-    learned=False,
-    token_choice=False,
-    uses_token_ids=False,
-    gate="none",
-    description="Dense baseline: no MoE layer (or a dense FFN of matching size)",
-)
+import importlib
 
-__all__ = [
-    "RoutingAlgorithm",
-    "register_routing",
-    "get_routing",
-    "routing_names",
-    "tokens_per_expert",
-    "centroid_scores",
-    "greedy_assignment",
-    "sigmoid_gate",
-    "chosen_sigmoid_gate",
-    "balance_loss",
-    "distillation_loss",
-    "distillation_agreement",
-    "distilled_assignment",
-    "router_probs",
-    "top1",
-    "switch_aux_loss",
-    "z_loss",
-    "balanced_capacities",
-    "balanced_assignment",
-    "random_hash_table",
-    "frequency_balanced_hash_table",
-    "hash_assignment",
-    "expert_capacity",
-    "expert_choice_assignment",
-    "kth_largest_probs",
-    "threshold_assignment",
-    "expert_capacity_per_expert",
-    "capacity_keep_mask",
-]
+# {module: the names this package exports from it}
+_EXPORTS = {
+    "registry": ("RoutingAlgorithm", "StateBuffer", "register_routing", "get_routing", "routing_names",
+                 "distillable_names"),
+    "common": ("tokens_per_expert",),
+    "stablemoe": ("centroid_scores", "greedy_assignment", "sigmoid_gate", "chosen_sigmoid_gate", "balance_loss"),
+    "distill": ("distillation_loss", "distillation_agreement", "distilled_assignment"),
+    "switch": ("router_logits", "router_probs", "softmax_gate", "top1", "switch_aux_loss", "z_loss"),
+    "base": ("balanced_capacities", "balanced_assignment"),
+    "hash": ("random_hash_table", "frequency_balanced_hash_table", "hash_assignment"),
+    "expert_choice": ("expert_capacity", "expert_choice_assignment", "kth_largest_probs", "threshold_assignment"),
+    "capacity": ("expert_capacity_per_expert", "capacity_keep_mask"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    """Load an exported function from its module on first access (then it is a plain attribute)."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

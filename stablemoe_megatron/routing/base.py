@@ -1,4 +1,4 @@
-"""BASE layer routing (Lewis et al., ICML 2021; SPEC section 4): balanced linear assignment.
+"""BASE layer routing (Lewis et al., ICML 2021), one of the paper's baselines: balanced linear assignment.
 
 Training: every expert i receives exactly ``capacities[i]`` tokens (default: T/N each, the first
 ``T mod N`` experts one more) and the assignment maximises ``sum_t scores[t, a_t]``, solved by a
@@ -26,18 +26,8 @@ from __future__ import annotations
 import torch
 
 from .common import rank_within_group, tokens_per_expert
-from .stablemoe import greedy_assignment
-from .types import register_routing
-
-register_routing(
-    "base",
-    learned=True,
-    token_choice=True,
-    uses_token_ids=False,
-    gate="sigmoid",
-    description="BASE layer: balanced linear assignment by auction in training (greedy at "
-    "inference), sigmoid gate, no balance loss",
-)
+from .registry import RoutingAlgorithm, register_routing
+from .stablemoe import centroid_eval_routing, centroid_scores, chosen_sigmoid_gate, greedy_assignment, sigmoid_gate
 
 EPSILON_SCALE_FACTOR = 4.0
 
@@ -170,4 +160,40 @@ def balanced_assignment(
         phase_epsilon = max(phase_epsilon / EPSILON_SCALE_FACTOR, final_epsilon)
 
 
-__all__ = ["balanced_capacities", "balanced_assignment", "greedy_assignment"]
+def base_routing(scores: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Routing of the local tokens: the balanced assignment in training, greedy otherwise.
+
+    Args:
+        scores: ``[T, N]`` centroid scores of the local tokens.
+        context: the calling router (:class:`.registry.RoutingContext`): its training mode, and
+            ``over_micro_batch``, which solves the assignment on the scores of the whole
+            micro-batch (all sequence-parallel shards, identical on every rank) and keeps this
+            rank's rows.
+    Returns:
+        ``(expert_ids [T], sigmoid gates [T], {})``: BASE adds no loss.
+    """
+    if not context.training:
+        expert_ids = greedy_assignment(scores)
+    else:
+        with torch.no_grad():
+            expert_ids = context.over_micro_batch(balanced_assignment, scores.detach())
+    return expert_ids, sigmoid_gate(scores, expert_ids), {}
+
+
+ALGORITHM = register_routing(RoutingAlgorithm(
+    name="base",
+    description="BASE layer: balanced linear assignment by auction in training (greedy at "
+    "inference), sigmoid gate, no balance loss",
+    adapter="top1",
+    gate="sigmoid",
+    learned=True,
+    one_pair_per_token=True,
+    uses_token_ids=False,
+    distillable=True,
+    scores=centroid_scores,
+    train_routing=base_routing,
+    eval_routing=centroid_eval_routing,
+    chosen_gate=chosen_sigmoid_gate,
+))
+
+__all__ = ["balanced_capacities", "balanced_assignment", "greedy_assignment", "base_routing", "ALGORITHM"]

@@ -1,4 +1,4 @@
-"""Distilling a routing decision into a lightweight router (StableMoE, SPEC sections 2-3).
+"""Distilling a routing decision into a lightweight router (StableMoE, docs/ALGORITHMS.md §2-3).
 
 Stage 1 trains a distilled router D (a token-id model, see :mod:`.distilled`) to predict the
 backbone's assignment ``a_t``; its scores are ``s^_{t,i} = E^_i . D(x)_t``:

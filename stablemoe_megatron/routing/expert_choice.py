@@ -1,4 +1,4 @@
-"""Expert Choice routing (Zhou et al., NeurIPS 2022; SPEC section 4), as pure torch functions.
+"""Expert Choice routing (Zhou et al., NeurIPS 2022), an extra baseline, as pure torch functions.
 
 Training: with router probabilities ``S = softmax(W h)`` of shape ``[T, N]``, every expert i picks
 the k tokens with the highest ``S[t, i]`` (k = :func:`expert_capacity`); a token is processed by
@@ -22,17 +22,8 @@ import math
 
 import torch
 
-from .types import register_routing
-
-register_routing(
-    "expert_choice",
-    learned=True,
-    token_choice=False,
-    uses_token_ids=False,
-    gate="softmax",
-    description="Expert Choice: each expert takes its top-k tokens by softmax(W h); causal "
-    "threshold routing (EMA of the k-th largest probability) at evaluation",
-)
+from .registry import RoutingAlgorithm, StateBuffer, register_routing
+from .switch import router_logits, router_probs
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -94,3 +85,34 @@ def threshold_assignment(
     selected = probs.detach().t() >= thresholds.to(probs.device, probs.dtype).unsqueeze(1)
     expert_index, token_index = selected.nonzero(as_tuple=True)
     return token_index, expert_index, probs[token_index, expert_index]
+
+
+def expert_choice_eval_routing(hidden, weight, token_ids=None, state=None, expert_ids=None):
+    """Evaluation routing: :func:`threshold_assignment` of ``softmax(W h)``.
+
+    Args:
+        hidden: ``[T, d]``; weight: ``[N, d]``; state: ``{"thresholds": [N], ...}``;
+        token_ids, expert_ids: unused.
+    Returns:
+        ``(token_index [M], expert_index [M], gates [M])`` (a token gets 0..N experts).
+    """
+    probs = router_probs(router_logits(hidden, weight))
+    return threshold_assignment(probs, state["thresholds"])
+
+
+ALGORITHM = register_routing(RoutingAlgorithm(
+    name="expert-choice",
+    description="Expert Choice: each expert takes its top-k tokens by softmax(W h); causal "
+    "threshold routing (EMA of the k-th largest probability) at evaluation",
+    adapter="expert-choice",
+    gate="softmax",
+    learned=True,
+    one_pair_per_token=False,
+    uses_token_ids=False,
+    losses=("z_loss",),
+    state_buffers=(StateBuffer("thresholds", "experts", "float"),
+                   StateBuffer("thresholds_initialized", "scalar", "bool")),
+    scores=router_logits,
+    train_routing=expert_choice_assignment,
+    eval_routing=expert_choice_eval_routing,
+))

@@ -1,4 +1,4 @@
-"""Hash layer routing (Roller et al., NeurIPS 2021; SPEC section 4): a fixed token-id -> expert table.
+"""Hash layer routing (Roller et al., NeurIPS 2021), one of the paper's baselines: a fixed token-id -> expert table.
 
 The assignment ``a_t = table[x_t]`` depends on the token id alone, is never trained, and has
 gate 1. Two tables:
@@ -19,17 +19,7 @@ import heapq
 
 import torch
 
-from .types import register_routing
-
-register_routing(
-    "hash",
-    learned=False,
-    token_choice=True,
-    uses_token_ids=True,
-    gate="none",
-    description="Hash layer: fixed token-id -> expert table (random, or balanced by token "
-    "frequency), gate 1, no router parameters",
-)
+from .registry import RoutingAlgorithm, StateBuffer, register_routing
 
 
 def random_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
@@ -106,3 +96,33 @@ def hash_assignment(token_ids: torch.Tensor, table: torch.Tensor, check: bool = 
                 f"got range [{low}, {high}]"
             )
     return table[token_ids]
+
+
+def hash_eval_routing(hidden, weight=None, token_ids=None, state=None, expert_ids=None):
+    """Evaluation routing (the same as in training): ``table[token id]``, gate 1.
+
+    Args:
+        hidden: ``[T, d]`` (only its size and device are used); weight, expert_ids: unused;
+        token_ids: ``[T]``; state: ``{"hash_table": [V] long}``.
+    Returns:
+        ``(arange(T), expert_index [T], gates [T] = 1)``.
+    """
+    tokens = torch.arange(hidden.shape[0], device=hidden.device)
+    gates = torch.ones(hidden.shape[0], device=hidden.device)
+    return tokens, hash_assignment(token_ids, state["hash_table"]), gates
+
+
+ALGORITHM = register_routing(RoutingAlgorithm(
+    name="hash",
+    description="Hash layer: fixed token-id -> expert table (random, or balanced by token "
+    "frequency), gate 1, no router parameters",
+    adapter="hash-table",
+    gate="none",
+    learned=False,
+    one_pair_per_token=True,
+    uses_token_ids=True,
+    table_from_training_data=True,
+    state_buffers=(StateBuffer("hash_table", "vocab", "long"),),
+    train_routing=hash_assignment,
+    eval_routing=hash_eval_routing,
+))

@@ -1,4 +1,4 @@
-"""StableMoE stage-1 routing (Dai et al., ACL 2022, SPEC section 2), as pure torch functions.
+"""StableMoE stage-1 routing (Dai et al., ACL 2022, section 2), as pure torch functions.
 
     s_{t,i} = E_i . h_t                       centroid_scores
     a_t     = argmax_i s_{t,i}                greedy_assignment
@@ -18,17 +18,7 @@ import torch
 
 from .common import compute_dtype, counting_set
 from .common import tokens_per_expert  # re-exported; shadowed by balance_loss's argument
-from .types import register_routing
-
-register_routing(
-    "stablemoe",
-    learned=True,
-    token_choice=True,
-    uses_token_ids=False,
-    gate="sigmoid",
-    description="StableMoE: greedy top-1 over centroid scores, sigmoid gate, balance loss, "
-    "distilled into a token-id router that is frozen for stage 2",
-)
+from .registry import RoutingAlgorithm, register_routing
 
 
 def centroid_scores(hidden: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -108,10 +98,65 @@ def balance_loss(
     return (overload[expert_ids.reshape(-1)] * gates).sum() / total
 
 
+def stablemoe_routing(scores: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Stage-1 routing of the local tokens: greedy top-1, sigmoid gate, the balance loss.
+
+    Args:
+        scores: ``[T, N]`` centroid scores.
+        context: the calling router (:class:`.registry.RoutingContext`), which counts the experts'
+            tokens over the counting set.
+    Returns:
+        ``(expert_ids [T], gates [T], {"balance_loss": unweighted 0-d loss})``.
+    """
+    expert_ids = greedy_assignment(scores)
+    gates = sigmoid_gate(scores, expert_ids)
+    counts, num_tokens = context.count(expert_ids)
+    return expert_ids, gates, {"balance_loss": balance_loss(scores, expert_ids, counts, num_tokens)}
+
+
+def centroid_eval_routing(hidden, centroids, token_ids=None, state=None, expert_ids=None):
+    """Evaluation routing of a centroid router (StableMoE, BASE): greedy top-1, sigmoid gate.
+
+    Args:
+        hidden: ``[T, d]``; centroids: ``[N, d]``; token_ids, state: unused (the registry's
+            common signature); expert_ids: ``[T]`` experts chosen elsewhere (the distilled router
+            in stage 2), or None for the argmax of the scores.
+    Returns:
+        ``(token_index [T] = arange(T), expert_index [T], gates [T])``.
+    """
+    scores = centroid_scores(hidden, centroids)
+    if expert_ids is None:
+        expert_ids = greedy_assignment(scores)
+    tokens = torch.arange(hidden.shape[0], device=hidden.device)
+    return tokens, expert_ids, sigmoid_gate(scores, expert_ids)
+
+
+ALGORITHM = register_routing(RoutingAlgorithm(
+    name="stablemoe",
+    description="StableMoE: greedy top-1 over centroid scores, sigmoid gate, balance loss, "
+    "distilled into a token-id router that is frozen for stage 2",
+    adapter="top1",
+    gate="sigmoid",
+    learned=True,
+    one_pair_per_token=True,
+    uses_token_ids=False,
+    distillable=True,
+    default_distill_router="wordemb",
+    losses=("balance_loss",),
+    scores=centroid_scores,
+    train_routing=stablemoe_routing,
+    eval_routing=centroid_eval_routing,
+    chosen_gate=chosen_sigmoid_gate,
+))
+
 __all__ = [
     "centroid_scores",
     "greedy_assignment",
     "sigmoid_gate",
+    "chosen_sigmoid_gate",
     "balance_loss",
+    "stablemoe_routing",
+    "centroid_eval_routing",
     "tokens_per_expert",
+    "ALGORITHM",
 ]

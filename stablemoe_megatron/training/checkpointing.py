@@ -1,16 +1,10 @@
-"""Checkpoints with megatron-core dist_checkpointing (torch_dist), written atomically.
+"""Saving and loading the training objects, in the format of :mod:`stablemoe_megatron.checkpoint`.
 
-Layout (Megatron-LM's)::
-
-    SAVE/iter_0000100/                 the dist_checkpointing directory of iteration 100
-         run_config.yaml               the resolved RunConfig (also used by eval and the tools)
-         train_state.json              iteration, consumed samples, stage, parallel layout
-    SAVE/latest_checkpointed_iteration.txt
-
-A save goes to ``iter_XXXXXXX.tmp`` and is renamed into place by rank 0 after every rank has
-finished writing; the tracker file is replaced (``os.replace``) last. A run killed mid-save leaves
-at most a ``.tmp`` directory behind (removed by the next save) and the previous checkpoint, which
-the tracker still names, loadable.
+What needs the live training objects is here: the sharded state dicts of model, optimizer, LR
+scheduler and RNG states, and :func:`save_checkpoint` / :func:`load_checkpoint`. File names, the
+tracker, the train state and the atomic publishing of an iteration (``iter_XXXXXXX.tmp`` renamed
+into place by rank 0 after every rank has written, the tracker replaced last) are the checkpoint
+format's (:mod:`stablemoe_megatron.checkpoint.format`), shared with the export tools.
 
 Contents: model (``sharded_state_dict``, so it reloads under any TP/PP/EP layout), megatron
 optimizer (the distributed optimizer in its layout-independent ``fully_sharded_model_space``
@@ -20,56 +14,32 @@ checkpoint under another layout restores the model (and, for training, needs ``-
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from stablemoe_megatron.errors import CheckpointSaveError, ConfigError
-from stablemoe_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported names
+from stablemoe_megatron.checkpoint import (  # noqa: F401 - CONFIG_FILE ... resolve_load_dir: re-exported
+    CONFIG_FILE,
     STATE_FILE,
     TRACKER,
-    describe_iterations,
+    TrainState,
     complete_iterations,
     iteration_dir,
     previous_hint,
-    verify_files,
+    prune_iterations,
+    read_tracker,
+    read_train_state,
+    resolve_load_dir,
+    staging_dir,
+    write_iteration,
 )
+from stablemoe_megatron.errors import CheckpointSaveError, ConfigError
+from stablemoe_megatron.runtime import barrier, global_rank, world_size
 
-CONFIG_FILE = "run_config.yaml"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
-
-
-@dataclass
-class TrainState:
-    """Everything about the run's position that is not a tensor."""
-
-    iteration: int = 0
-    consumed_train_samples: int = 0
-    stage: int = 1
-    layout: dict = field(default_factory=dict)  # tp, pp, ep, dp, distributed optimizer
-    tokenizer_vocab_size: int = 0  # the model's embedding rows cover this many token ids
-
-
-def read_tracker(root) -> Optional[int]:
-    """Latest complete iteration under ``root`` (None when there is no checkpoint)."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ConfigError(f"{tracker}: expected an iteration number, found {text!r}")
-    return int(text)
-
-
-def read_train_state(directory) -> TrainState:
-    return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
 
 
 def unwrap(model):
@@ -77,15 +47,6 @@ def unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return model
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -111,8 +72,7 @@ def _set_rng_state(state: dict) -> None:
 def _rng_sharded_object(state):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return ShardedObject("rng_state", state, (world,), (_rank(),), replica_id=0)
+    return ShardedObject("rng_state", state, (world_size(),), (global_rank(),), replica_id=0)
 
 
 # -- state dicts -----------------------------------------------------------------------------------
@@ -131,33 +91,26 @@ def _sharded_state(model, optimizer, scheduler, side_optimizer, with_optim: bool
 
 def save_checkpoint(root, train_state: TrainState, model, optimizer, scheduler, side_optimizer,
                     config_yaml: str, keep_last: Optional[int] = None) -> Path:
-    """Write iteration ``train_state.iteration`` atomically (collective: every rank calls it)."""
+    """Write iteration ``train_state.iteration`` atomically (collective: every rank calls it).
+
+    A failure (full disk, quota, lost mount) becomes one :class:`CheckpointSaveError` naming the
+    cause and the last good checkpoint; the partial directory is removed by the format's writer.
+    """
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    final = iteration_dir(root, train_state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-    try:
+    def write_payload(directory: Path) -> None:
         state = _sharded_state(model, optimizer, scheduler, side_optimizer, True, False, True)
-        dist_checkpointing.save(state, str(tmp))
-        _barrier()
-        if _rank() == 0:
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=1))
-            _replace_dir(tmp, final)
-            _write_tracker(Path(root), train_state.iteration)
+        dist_checkpointing.save(state, str(directory))
+
+    iteration = train_state.iteration
+    try:
+        final = write_iteration(root, iteration, write_payload, config_yaml, train_state)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a full disk, a quota, a lost mount
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointSaveError(_save_failure(root, tmp, exc)) from exc
-    if _rank() == 0 and keep_last:
-        _prune(Path(root), keep_last, train_state.iteration)
-    _barrier()
+        raise CheckpointSaveError(_save_failure(root, staging_dir(iteration_dir(root, iteration)), exc)) from exc
+    if global_rank() == 0 and keep_last:
+        prune_iterations(root, keep_last, iteration)
+    barrier()
     return final
 
 
@@ -199,61 +152,6 @@ def _root_cause(exc: BaseException) -> BaseException:
         if isinstance(failures, dict):
             pending += list(failures.values())
     return last
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():  # re-saving an iteration: move the old one aside, then drop it
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _write_tracker(root: Path, iteration: int) -> None:
-    tmp = root / (TRACKER + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(f"{iteration}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, root / TRACKER)
-
-
-def _prune(root: Path, keep_last: int, newest: int) -> None:
-    found = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
-    for iteration in found[:-keep_last]:
-        if iteration != newest:
-            shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
-
-
-def resolve_load_dir(load, announce: bool = True) -> Path:
-    """``--load`` may name the run directory (tracker inside) or one ``iter_*`` directory.
-
-    Without a tracker (deleted, or lost in a copy) the newest complete ``iter_*`` is used and said
-    so. The chosen directory's files are checked against its index (:func:`verify_files`).
-    """
-    path = Path(load)
-    if (path / STATE_FILE).is_file():
-        verify_files(path)
-        return path
-    iteration = read_tracker(path)
-    if iteration is None:
-        found = complete_iterations(path)
-        if not found:
-            raise ConfigError(f"--load {load}: no {TRACKER} and no complete iter_* checkpoint there; point "
-                              f"--load at the --save directory of a run or at one of its iter_* directories")
-        iteration = found[-1]
-        if announce and _rank() == 0 and int(os.environ.get("RANK", "0")) == 0:
-            print(f"--load {load}: {TRACKER} is missing; resuming from the newest complete checkpoint "
-                  f"iter_{iteration:07d} (found {describe_iterations(found)})", flush=True)
-    directory = iteration_dir(path, iteration)
-    if not (directory / STATE_FILE).is_file():
-        raise ConfigError(f"--load {load}: {TRACKER} names iteration {iteration} but {directory} is incomplete; "
-                          f"{previous_hint(directory)}")
-    verify_files(directory)
-    return directory
 
 
 def load_checkpoint(directory, model, optimizer=None, scheduler=None, side_optimizer=None,

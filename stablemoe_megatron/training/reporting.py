@@ -20,15 +20,10 @@ from typing import Dict, Optional
 import torch
 
 from stablemoe_megatron.analysis.load import expert_load_statistics
+from stablemoe_megatron.runtime import is_last_rank
 
 SUMMED_OVER_TP = ("balance_loss", "distill_loss", "aux_loss", "z_loss")
 JSONL_LAYER_KEYS = ("tokens_per_expert", "balance_loss", "distill_loss", "distill_agreement", "aux_loss")
-
-
-def is_last_rank() -> bool:
-    if not torch.distributed.is_initialized():
-        return True
-    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
 def gather_moe_metrics(model, steps: int) -> Dict[int, dict]:

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from stablemoe_megatron.checkpoint import any_checkpoint_files, complete_iterations
 from stablemoe_megatron.errors import ConfigError
-from stablemoe_megatron.training.checkpoint_files import any_checkpoint_files, complete_iterations
 
 LOCK_FILE = "run.lock"
 _NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)

@@ -4,27 +4,26 @@
 
 ``fn`` must be importable by module and name (a module-level function in a test file). Each rank
 runs ``fn(*args, **kwargs)`` after ``initialize_model_parallel(tp, pp, ep)`` and
-``seed_everything(seed)``; parallel_state is destroyed afterwards. If any rank raises, the call
-raises :class:`DistributedTestError` carrying that rank's traceback. If the ranks do not all finish
+``seed_everything(seed)``; parallel_state is destroyed afterwards (with its process groups, so a
+worker does not collect gloo threads). If any rank raises, the call raises
+:class:`DistributedTestError` carrying that rank's traceback. If the ranks do not all finish
 within ``timeout`` seconds (a hung collective), the workers are killed and the call raises.
 
 Starting a process that imports torch and megatron-core costs ~6 s of CPU, so worker processes
-are kept alive between calls, one pool per world size, with the default process group created
-once; each call only rebuilds parallel_state. A failed or timed-out call discards its pool, so
-the next call starts clean. Pools are shut down at interpreter exit.
+are kept alive between calls, one pool per world size (:class:`stablemoe_megatron.runtime.GlooPool`),
+with the default process group created once; each call only rebuilds parallel_state. A failed or
+timed-out call discards its pool, so the next call starts clean. Pools are shut down at
+interpreter exit.
 """
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
-import os
-import queue
-import socket
+import functools
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from stablemoe_megatron.runtime import GlooPool
 
 
 class DistributedTestError(AssertionError):
@@ -43,35 +42,8 @@ class _Job:
     sys_path: List[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker_main(rank: int, world_size: int, port: int, jobs, results, threads: int) -> None:
-    """Worker process: join the gloo world once, then run jobs until told to stop (None)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        from stablemoe_megatron.parallel import ParallelSizes, initialize_distributed
-
-        initialize_distributed(ParallelSizes(), rank=rank, world_size=world_size, timeout_minutes=5)
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        results.put((rank, False, traceback.format_exc()))
-        return
-    results.put((rank, True, "ready"))
-    while True:
-        job = jobs.get()
-        if job is None:
-            break
-        results.put((rank, *_run_job(job)))
-
-
-def _run_job(job: _Job) -> Tuple[bool, Any]:
+def _run_job(job: _Job) -> Any:
+    """In a worker: parallel_state for the job's layout, seeds, ``fn``, then parallel_state torn down."""
     from stablemoe_megatron.parallel import (
         ParallelSizes,
         destroy_parallel_state,
@@ -86,9 +58,7 @@ def _run_job(job: _Job) -> Tuple[bool, Any]:
         initialize_parallel_state(ParallelSizes(job.tp, job.pp, job.ep), timeout_minutes=5)
         seed_everything(job.seed)
         _reset_megatron_globals()
-        return True, job.fn(*job.args, **job.kwargs)
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        return False, traceback.format_exc()
+        return job.fn(*job.args, **job.kwargs)
     finally:
         try:
             destroy_parallel_state()
@@ -103,76 +73,20 @@ def _reset_megatron_globals() -> None:
     MoEAuxLossAutoScaler.main_loss_backward_scale = None  # set by the pipeline schedules
 
 
-class _Pool:
-    """``world_size`` persistent worker processes joined in one gloo world."""
+def _start_pool(world_size: int, start_timeout: float) -> GlooPool:
+    """``world_size`` workers in one gloo world (default group only; 5-minute collective timeouts).
 
-    def __init__(self, world_size: int, start_timeout: float):
-        ctx = mp.get_context("spawn")
-        self.world_size = world_size
-        self.results = ctx.Queue()
-        self.job_queues = [ctx.Queue() for _ in range(world_size)]
-        port = _free_port()
-        threads = 1  # identical float reduction order in every pool: comparisons across world sizes
-        self.procs = [
-            ctx.Process(
-                target=_worker_main,
-                args=(rank, world_size, port, self.job_queues[rank], self.results, threads),
-                daemon=False,  # dist_checkpointing starts child processes of its own
-            )
-            for rank in range(world_size)
-        ]
-        for proc in self.procs:
-            proc.start()
-        self._collect(start_timeout, what="start-up")
+    One torch thread each: identical float reduction order in every pool, so results compare
+    across world sizes. A ConfigError of a test function is a failure like any other (traceback).
+    """
+    from stablemoe_megatron.parallel import ParallelSizes, initialize_distributed
 
-    def alive(self) -> bool:
-        return all(proc.is_alive() for proc in self.procs)
-
-    def run(self, job: _Job, timeout: float) -> List[Any]:
-        for jobs in self.job_queues:
-            jobs.put(job)
-        return self._collect(timeout, what=getattr(job.fn, "__name__", str(job.fn)))
-
-    def _collect(self, timeout: float, what: str) -> List[Any]:
-        """Wait for one result per rank; raise on the first failure, a dead worker or the deadline."""
-        deadline = time.monotonic() + timeout
-        values: Dict[int, Any] = {}
-        while len(values) < self.world_size:
-            try:
-                rank, ok, value = self.results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
-                if dead:
-                    raise DistributedTestError(f"{what}: worker rank(s) {dead} died (exit codes "
-                                               f"{[self.procs[r].exitcode for r in dead]})")
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(self.world_size)) - set(values))
-                    raise DistributedTestError(
-                        f"{what}: timed out after {timeout:.0f}s waiting for rank(s) {missing} "
-                        f"(a hung collective?)")
-                continue
-            if not ok:
-                raise DistributedTestError(f"{what}: rank {rank} of {self.world_size} failed:\n{value}")
-            values[rank] = value
-        return [values[rank] for rank in range(self.world_size)]
-
-    def close(self, graceful: bool = True) -> None:
-        """Stop the workers: ask them to exit (graceful) or kill them (after a failure or hang)."""
-        from stablemoe_megatron.export.world import stop_processes
-
-        for jobs, proc in zip(self.job_queues, self.procs):
-            if graceful and proc.is_alive():
-                try:
-                    jobs.put(None)
-                except Exception:  # noqa: BLE001
-                    pass
-        for proc in self.procs:
-            if graceful:
-                proc.join(timeout=5)
-        stop_processes(self.procs)  # what is left, with its children
+    setup = functools.partial(initialize_distributed, ParallelSizes(), timeout_minutes=5)
+    return GlooPool(world_size, setup, threads=1, start_timeout=start_timeout,
+                    error=DistributedTestError, config_errors=False)
 
 
-_pools: Dict[int, _Pool] = {}
+_pools: Dict[int, GlooPool] = {}
 
 
 def run_distributed(
@@ -194,10 +108,10 @@ def run_distributed(
         pool.close()
         pool = None
     if pool is None:
-        pool = _pools[world_size] = _Pool(world_size, start_timeout=max(timeout, 120.0))
+        pool = _pools[world_size] = _start_pool(world_size, start_timeout=max(timeout, 120.0))
         _register_shutdown()
     try:
-        return pool.run(job, timeout)
+        return pool.run(_run_job, (job,), timeout=timeout, what=getattr(fn, "__name__", str(fn)))
     except BaseException:
         _pools.pop(world_size, None)
         pool.close(graceful=False)

@@ -1,6 +1,6 @@
-"""The routing probe: every N iterations, route a fixed set of held-out tokens and log what changed.
+"""The routing probe (a training callback): every N iterations, route a fixed set of held-out tokens and log what changed.
 
-:meth:`RoutingProbe.for_job` picks the probe tokens (``--routing-probe-tokens`` tokens of the
+:meth:`RoutingProbe.for_trainer` picks the probe tokens (``--routing-probe-tokens`` tokens of the
 validation data, seeded by ``--seed``: identical on every rank and across resumes), and opens the
 history (:mod:`stablemoe_megatron.analysis.history`) on the last rank.
 
@@ -27,7 +27,7 @@ Logged (last rank), per probe, to the metrics JSONL (and ``probes.jsonl`` of the
          "distill_agreement": a,                       # backbone == distilled, where a distilled router
          "no_expert_fraction": u, "tokens_per_expert": [N counts of probe tokens]}, ...]}}
 
-and TensorBoard ``routing_probe/layer{L}/{field}``; at the end of training (:meth:`RoutingProbe.finish`)
+and TensorBoard ``routing_probe/layer{L}/{field}``; at the end of training (:meth:`RoutingProbe.on_train_end`)
 ``{"routing_fluctuation": {"final_iteration", "train_iters", "num_probes", "num_tokens", "percents":
 [0..100], "layers": [{"layer", "view", "after_20", "after_50", "after_80", "curve": [101 values]}]}}``,
 also written to ``routing_probe/fluctuation.json``, and TB ``routing_fluctuation/layer{L}/{view}/after_{x}pct``.
@@ -44,6 +44,8 @@ import torch
 
 from stablemoe_megatron.analysis.fluctuation import QUOTED, changed_fraction, describe_curves, history_curves
 from stablemoe_megatron.analysis.history import CONFIG, CURVE, PROBE_DIR, Layout, ProbeHistory
+from stablemoe_megatron.runtime import is_last_rank as _is_last_rank
+from stablemoe_megatron.training.trainer import Callback
 
 
 def router_views(router) -> List[str]:
@@ -119,8 +121,8 @@ def _micro_batches(sequences: torch.Tensor, micro_batch_size: int):
                "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)}
 
 
-class RoutingProbe:
-    """Drives the probes of one training job; the history and logging live on the last rank."""
+class RoutingProbe(Callback):
+    """Drives the probes of one training trainer; the history and logging live on the last rank."""
 
     def __init__(self, sequences: torch.Tensor, layout: Layout, interval: int,
                  history: Optional[ProbeHistory] = None, last_iteration: Optional[int] = None,
@@ -135,44 +137,44 @@ class RoutingProbe:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def for_job(cls, job) -> "RoutingProbe":
+    def for_trainer(cls, trainer) -> "RoutingProbe":
         """Probe tokens, layout (gathered from all stages), history (last rank); collective."""
         from stablemoe_megatron import data as data_lib
 
-        config = job.config
+        config = trainer.config
         num_tokens, seq = config.logging.routing_probe_tokens, config.model.seq_length
         sequences = data_lib.probe_tokens(config.data, num_tokens, seq, config.training.seed)
-        views = _all_gather({layer.layer_number: router_views(layer.router) for layer in job.model.moe_layers})
+        views = _all_gather({layer.layer_number: router_views(layer.router) for layer in trainer.model.moe_layers})
         merged = {k: v for part in views for k, v in part.items()}
         layout = Layout(sorted(merged), merged, num_tokens, config.moe.num_experts)
         history, note = None, None
         if _is_last_rank():
-            history, note = _open_history(job, layout, sequences.reshape(-1)[:num_tokens].numpy())
+            history, note = _open_history(trainer, layout, sequences.reshape(-1)[:num_tokens].numpy())
         last = history.records[-1]["iteration"] if history is not None and history.records else None
         return cls(sequences, layout, config.logging.routing_probe_interval, history,
                    _broadcast_from_last(last), note)
 
     # -- the trainer's hooks ----------------------------------------------------------------------
-    def maybe_run(self, job, reporter) -> None:
+    def on_step_end(self, trainer, reporter) -> None:
         """Probe when the iteration is a multiple of ``--routing-probe-interval`` (collective)."""
-        if job.state.iteration % self.interval == 0:
-            self.run(job, reporter)
+        if trainer.state.iteration % self.interval == 0:
+            self.run(trainer, reporter)
 
     def summary(self) -> Optional[str]:
         """Short text of the last probe for the iteration line (last rank; None elsewhere)."""
         return self._summary
 
-    def run(self, job, reporter) -> Optional[dict]:
-        """One probe at ``job.state.iteration``; returns the logged record on the last rank."""
+    def run(self, trainer, reporter) -> Optional[dict]:
+        """One probe at ``trainer.state.iteration``; returns the logged record on the last rank."""
         if self._note:
             reporter.message(self._note)
             self._note = None
-        local = self._forward(job)
+        local = self._forward(trainer)
         choices = self._gather(local)
-        self.last_iteration = job.state.iteration
+        self.last_iteration = trainer.state.iteration
         if choices is None or self.history is None:
             return None
-        record = self._record(job.state.iteration, job.state.stage, choices)
+        record = self._record(trainer.state.iteration, trainer.state.stage, choices)
         self.history.append(record, choices)
         reporter.record({"routing_probe": record})
         for layer in record["layers"]:
@@ -182,25 +184,25 @@ class RoutingProbe:
         return record
 
     @torch.no_grad()
-    def _forward(self, job) -> Dict[int, tuple]:
+    def _forward(self, trainer) -> Dict[int, tuple]:
         """Forward-only pass of megatron's schedule over the probe sequences on this rank."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from stablemoe_megatron.training.loop import forward_step
+        from stablemoe_megatron.training.step import forward_step
 
-        micro = job.config.training.micro_batch_size
+        micro = trainer.config.training.micro_batch_size
         count = math.ceil(self.sequences.shape[0] / micro)
         padded = self.sequences[torch.arange(count * micro).clamp(max=self.sequences.shape[0] - 1)]
-        recorder = _Recorder(job.model, self.layout)
-        was_training = job.ddp_model.training
-        job.ddp_model.eval()
+        recorder = _Recorder(trainer.model, self.layout)
+        was_training = trainer.ddp_model.training
+        trainer.ddp_model.eval()
         try:
             get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=_micro_batches(padded, micro),
-                model=[job.ddp_model], num_microbatches=count, seq_length=self.sequences.shape[1],
+                model=[trainer.ddp_model], num_microbatches=count, seq_length=self.sequences.shape[1],
                 micro_batch_size=micro, forward_only=True)
         finally:
-            job.ddp_model.train(was_training)
+            trainer.ddp_model.train(was_training)
             local = recorder.close()
         return local
 
@@ -248,13 +250,13 @@ class RoutingProbe:
         return {"iteration": iteration, "stage": stage, "num_tokens": self.layout.num_tokens, "layers": layers}
 
     # -- end of training --------------------------------------------------------------------------
-    def finish(self, job, reporter) -> Optional[dict]:
+    def on_train_end(self, trainer, reporter) -> Optional[dict]:
         """Probe the final weights if not yet done, then report and write the fluctuation curves (collective)."""
-        if self.last_iteration != job.state.iteration:
-            self.run(job, reporter)
+        if self.last_iteration != trainer.state.iteration:
+            self.run(trainer, reporter)
         if self.history is None:
             return None
-        result = self.curves(job.config.training.train_iters)
+        result = self.curves(trainer.config.training.train_iters)
         if self.history.directory is not None:
             (self.history.directory / CURVE).write_text(json.dumps(result, indent=1))
         reporter.record({"routing_fluctuation": result})
@@ -299,15 +301,15 @@ def run_directory(config) -> Optional[Path]:
     return None
 
 
-def _open_history(job, layout: Layout, tokens: np.ndarray):
+def _open_history(trainer, layout: Layout, tokens: np.ndarray):
     import shutil
 
     from stablemoe_megatron.cli_args import dump_config
 
-    config = job.config
+    config = trainer.config
     root = run_directory(config)
     directory = root / PROBE_DIR if root is not None else None
-    if directory is not None and not directory.exists() and job.state.iteration > 0 and config.checkpoint.load:
+    if directory is not None and not directory.exists() and trainer.state.iteration > 0 and config.checkpoint.load:
         for candidate in (Path(config.checkpoint.load), Path(config.checkpoint.load).parent):
             if (candidate / PROBE_DIR).is_dir():  # resuming into a new --save: continue the loaded run's history
                 shutil.copytree(candidate / PROBE_DIR, directory)
@@ -318,16 +320,10 @@ def _open_history(job, layout: Layout, tokens: np.ndarray):
             "seq_length": config.model.seq_length, "seed": config.training.seed,
             "metrics_file": str(Path(metrics).resolve()) if metrics else None,
             "tensorboard_dir": config.logging.tensorboard_dir}
-    history, note = ProbeHistory.open(directory, layout, tokens, job.state.iteration, meta)
+    history, note = ProbeHistory.open(directory, layout, tokens, trainer.state.iteration, meta)
     if directory is not None:
         (directory / CONFIG).write_text(dump_config(config))
     return history, note
-
-
-def _is_last_rank() -> bool:
-    from stablemoe_megatron.training.reporting import is_last_rank
-
-    return is_last_rank()
 
 
 def _all_gather(obj) -> list:

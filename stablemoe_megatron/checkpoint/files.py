@@ -1,9 +1,9 @@
-"""What is on disk in a checkpoint directory, checked before any work: complete checkpoints, damage.
+"""What is on disk in a checkpoint run directory, checked before any work: complete checkpoints, damage.
 
 A checkpoint ``iter_XXXXXXX/`` is *complete* when it holds ``train_state.json`` (written last, by
 rank 0, just before the ``.tmp`` directory is renamed into place) and torch_dist's ``.metadata``.
 The tracker file normally names the newest one; when it is missing (deleted, or lost in a copy)
-:func:`newest_complete` recovers the newest complete checkpoint instead of starting from scratch.
+:func:`resolve_load_dir` recovers the newest complete checkpoint instead of starting from scratch.
 
 :func:`verify_files` reads torch_dist's ``.metadata`` (which records, for every tensor, the file,
 offset and length it was written to) and compares each ``.distcp`` file's size with the end of
@@ -15,17 +15,18 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+from stablemoe_megatron.checkpoint.format import (
+    DCP_METADATA,
+    MEGATRON_METADATA,
+    STATE_FILE,
+    TRACKER,
+    iteration_dir,
+    read_tracker,
+)
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.runtime import is_first_rank
 
-TRACKER = "latest_checkpointed_iteration.txt"
-STATE_FILE = "train_state.json"
-DCP_METADATA = ".metadata"
-MEGATRON_METADATA = "metadata.json"
 _ITER_DIR = re.compile(r"iter_(\d{7})")
-
-
-def iteration_dir(root, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
 
 
 def is_complete(directory) -> bool:
@@ -109,3 +110,32 @@ def _expected_sizes(directory: Path) -> dict:
         end = int(info.offset) + int(info.length)
         sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), end)
     return sizes
+
+
+def resolve_load_dir(load, announce: bool = True) -> Path:
+    """``--load`` may name the run directory (tracker inside) or one ``iter_*`` directory.
+
+    Without a tracker (deleted, or lost in a copy) the newest complete ``iter_*`` is used and said
+    so (by the first rank). The chosen directory's files are checked against its index
+    (:func:`verify_files`).
+    """
+    path = Path(load)
+    if (path / STATE_FILE).is_file():
+        verify_files(path)
+        return path
+    iteration = read_tracker(path)
+    if iteration is None:
+        found = complete_iterations(path)
+        if not found:
+            raise ConfigError(f"--load {load}: no {TRACKER} and no complete iter_* checkpoint there; point "
+                              f"--load at the --save directory of a run or at one of its iter_* directories")
+        iteration = found[-1]
+        if announce and is_first_rank():
+            print(f"--load {load}: {TRACKER} is missing; resuming from the newest complete checkpoint "
+                  f"iter_{iteration:07d} (found {describe_iterations(found)})", flush=True)
+    directory = iteration_dir(path, iteration)
+    if not (directory / STATE_FILE).is_file():
+        raise ConfigError(f"--load {load}: {TRACKER} names iteration {iteration} but {directory} is incomplete; "
+                          f"{previous_hint(directory)}")
+    verify_files(directory)
+    return directory

@@ -1,0 +1,64 @@
+"""What every model family with MoE layers shares: the token-id plumbing and the trainer's MoE hooks.
+
+megatron's transformer layers pass only hidden states to their MLP, so a model hands the
+micro-batch's token ids to its MoE layers before each forward (:meth:`MoEHost.hand_token_ids`):
+the hash router and the distilled StableMoE router route by token id, and the host (CPU) copy lets
+them count tokens per expert without a device sync. The trainer drives the stage switch, the
+metrics and the per-step router bookkeeping through the same methods, whatever the family: the
+GPT model mixes this in today; an encoder-decoder model mixes it in the same way (handing each
+stack its own ids: source ids to the encoder's MoE layers, target ids to the decoder's).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from stablemoe_megatron.moe.layer import StableMoELayer
+
+
+class MoEHost:
+    """Mixin for a megatron model that contains :class:`StableMoELayer` modules."""
+
+    moe_layers: List[StableMoELayer]
+
+    def collect_moe_layers(self) -> None:
+        """Find this pipeline stage's MoE layers (call at the end of ``__init__``)."""
+        self.moe_layers = [m for m in self.modules() if isinstance(m, StableMoELayer)]
+
+    def hand_token_ids(self, token_ids: torch.Tensor, host_token_ids=None, layers=None) -> None:
+        """Give ``token_ids`` [B, S] (and their CPU copy) to ``layers`` (default: every MoE layer)."""
+        for layer in (self.moe_layers if layers is None else layers):
+            layer.set_token_ids(token_ids, host_token_ids)
+
+    # -- stages and metrics (the trainer drives these) ------------------------------------------
+    def distilled_routers(self):
+        return [layer.router for layer in self.moe_layers if getattr(layer.router, "distilled", None) is not None]
+
+    def enter_stage_two(self) -> None:
+        """Freeze every distilled router (idempotent)."""
+        for router in self.distilled_routers():
+            if not router.frozen:
+                router.freeze_distilled()
+
+    @property
+    def stage(self) -> int:
+        """StableMoE stage of the model: 2 once every distilled router is frozen, else 1."""
+        routers = self.distilled_routers()
+        return 2 if routers and all(r.frozen for r in routers) else 1
+
+    def moe_metrics(self, reset: bool = True) -> Dict[int, Dict[str, torch.Tensor]]:
+        """{global layer number: metric snapshot} for this stage's MoE layers."""
+        out = {}
+        for layer in self.moe_layers:
+            out[layer.layer_number] = layer.metrics.snapshot()
+            if reset:
+                layer.metrics.reset()
+        return out
+
+    def finalize_moe_step(self, dp_group=None) -> None:
+        """Per-optimizer-step router bookkeeping (Expert Choice thresholds)."""
+        for layer in self.moe_layers:
+            finalize = getattr(layer.router, "finalize_step", None)
+            if finalize is not None:
+                finalize(dp_group)
