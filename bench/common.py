@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import socket
 import statistics
 import time
 import weakref
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from stablemoe_megatron.runtime import free_port
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,12 +46,6 @@ def config_size(name: str, vocab: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 # process set-up
 # ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _ALLOCATOR = ["system default"]
 
 

@@ -1,7 +1,6 @@
 """Each cpu_compat patch is needed (its megatron-core call fails without it) and works."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +9,13 @@ import pytest
 import torch
 
 from stablemoe_megatron import cpu_compat
+from stablemoe_megatron.runtime import free_port
 
 PROBE = str(Path(__file__).with_name("compat_probe.py"))
 
 
 def _probe(name, *extra):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, PROBE_PORT=str(port), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PROBE_PORT=str(free_port()), PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, PROBE, name, *extra], capture_output=True, text=True,
                          timeout=120, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from stablemoe_megatron.runtime import free_port
 from stablemoe_megatron.size_configs import load_size, to_flags
 
 PROG = "reproduce"
@@ -91,12 +91,6 @@ PAPER_PPL = {"dense": (23.02, 22.58), "switch": (19.79, 19.20), "base": (20.04, 
 # ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_flags(name: str, run_dir: Path, args) -> List[str]:
     """Trainer flags of one variant (see the module doc for what is shared)."""
     data, iters = Path(args.data_dir), args.train_iters
@@ -126,7 +120,7 @@ def train_flags(name: str, run_dir: Path, args) -> List[str]:
 
 def launcher(nproc: int) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), "-m", "stablemoe_megatron.train"]
+            "--master-port", str(free_port()), "-m", "stablemoe_megatron.train"]
 
 
 def finished(run_dir: Path) -> bool:
