@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from stablemoe_megatron.routing import routing_names
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import config_size, init_single_process, machine_info, quantiles, synchronize  # noqa: E402
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: paper on a GPU, tiny otherwise")
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--router", default="stablemoe", choices=("stablemoe", "switch", "hash", "base", "expert-choice", "dense"))
+    p.add_argument("--router", default="stablemoe", choices=(*routing_names(), "dense"),
+                   help="routing algorithm of the MoE model, or dense (no MoE block)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=(1, 2),
                    help="StableMoE stage(s) to measure (stage 2 = frozen token-id routing, 90 %% of the paper's run)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
