@@ -70,7 +70,8 @@ def format_summary(info: Dict[str, object]) -> str:
     ]
     if moe:
         lines.append(f"moe             {moe['num_experts']} experts, router {moe['router']}, {moe['layout']}, "
-                     f"MoE layers at {moe['moe_layers']}, {moe['sublayers_per_expert']} sublayer(s) per expert, "
+                     f"MoE layers at {moe['moe_layers']} (0-based, as the exported layers.i), "
+                     f"{moe['sublayers_per_expert']} sublayer(s) per expert, "
                      f"distilled router {moe['distill_router']}, stage 2 from iteration {moe['stage2_start_iter']}")
     else:
         lines.append("moe             none (dense model)")
