@@ -17,6 +17,10 @@ from stablemoe_megatron.routing.registry import distillable_names, get_routing, 
 ROUTERS = routing_names()
 LAYER_POSITIONS = ("middle", "bottom", "top", "scattered")
 DISTILL_ROUTERS = ("wordemb", "cnn", "transformer")
+DISTILL_TEACHERS = ("assignment", "greedy")
+DISTILL_EMBEDDING_INITS = ("normal", "unit")
+EXPERT_OUTPUT_INITS = ("normal", "zero")
+CENTROID_INITS = ("normal", "orthogonal")
 
 
 @dataclass
@@ -52,6 +56,26 @@ class MoEConfig:
     stage2_start_iter: Optional[int] = field(default=None, metadata={"range": "[0, inf)",
         "help": "iteration at which the distilled router is frozen and routes (stage 2); absent = "
                 "never", "aliases": ("--two-stage-updates",)})
+    distill_teacher: str = field(default="assignment", metadata={
+        "help": "stage-1 distillation target: the expert the router assigned (assignment) or the "
+                "greedy argmax of the backbone scores (greedy, the authors' code); they differ only "
+                "for --moe-router base; needs a distilled router", "choices": DISTILL_TEACHERS})
+    distill_embedding_init: str = field(default="normal", metadata={
+        "help": "distilled router token embedding init: N(0, 0.02) (normal) or N(0, 1) (unit, the "
+                "authors' nn.Embedding; their zeroed padding row has no counterpart here: no pad "
+                "id); needs a distilled router", "choices": DISTILL_EMBEDDING_INITS})
+    # --- initialisation ----------------------------------------------------------------------
+    expert_output_init: str = field(default="normal", metadata={
+        "help": "expert FFN output projection (fc2) init: N(0, --init-method-std/sqrt(2L)) (normal) "
+                "or zero (the authors': every MoE layer starts as the identity)",
+        "choices": EXPERT_OUTPUT_INITS})
+    centroid_init: str = field(default="normal", metadata={
+        "help": "router weight [N, d] (centroids, or the switch / expert-choice projection) and "
+                "distilled centroids init: N(0, --init-method-std) and N(0, 0.02) (normal), or "
+                "orthogonal rows of norm --moe-centroid-init-gain (orthogonal, the authors')",
+        "choices": CENTROID_INITS})
+    centroid_init_gain: float = field(default=0.1, metadata={"range": "(0, inf)",
+        "help": "gain of --moe-centroid-init orthogonal (the authors': 0.1)"})
     # --- capacity ----------------------------------------------------------------------------
     expert_capacity_factor: Optional[float] = field(default=None, metadata={"range": "(0, inf)",
         "help": "token-choice routers: drop tokens beyond ceil(T*c/N) per expert (dropped tokens "
@@ -117,10 +141,27 @@ class MoEConfig:
                     f"lower it, or omit it to train in stage 1 only")
         if self.expert_capacity_factor is not None and self.expert_capacity_factor <= 0:
             raise ConfigError("--moe-expert-capacity-factor must be > 0")
+        self._validate_init_options(distill)
         if not 1 <= self.distill_layers <= 3:
             raise ConfigError("--moe-distill-layers must be 1, 2 or 3")
         if self.distill_dim < 1:
             raise ConfigError("--moe-distill-dim must be >= 1")
+
+    def _validate_init_options(self, distill: Optional[str]) -> None:
+        """Choices of the authors'-recipe options; the distillation ones need a distilled router.
+
+        --moe-centroid-init is accepted for every router (the hash router has no weight: no effect).
+        """
+        for name, choices in (("distill_teacher", DISTILL_TEACHERS), ("distill_embedding_init", DISTILL_EMBEDDING_INITS),
+                              ("expert_output_init", EXPERT_OUTPUT_INITS), ("centroid_init", CENTROID_INITS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--moe-{name.replace('_', '-')} must be one of {', '.join(choices)}")
+        if not self.centroid_init_gain > 0:
+            raise ConfigError("--moe-centroid-init-gain must be > 0")
+        for name, default in (("distill_teacher", "assignment"), ("distill_embedding_init", "normal")):
+            if distill is None and getattr(self, name) != default:
+                raise ConfigError(f"--moe-{name.replace('_', '-')} {getattr(self, name)} needs a distilled router: "
+                                  f"add --moe-distill-router wordemb, or drop it")
 
     def moe_placement(self, num_layers: int) -> dict:
         """{1-based transformer layer number: where} for every MoE layer.

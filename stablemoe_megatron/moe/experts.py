@@ -130,17 +130,28 @@ class ExpertStack(MegatronModule):
             param.allreduce = False
 
     @torch.no_grad()
-    def initialize(self, seed: int, layer_number: int) -> None:
+    def initialize(self, seed: int, layer_number: int, output_init: str = "normal") -> None:
         """(Re)initialise every expert weight from (seed, layer, sublayer, GLOBAL expert id, fc).
 
         megatron's CPU initialisation draws the same numbers on every EP rank, so expert r*L+j
         would equal expert j; seeding per global expert makes experts distinct and makes the
         initial model independent of the expert-parallel size.
+
+        ``output_init`` (``--moe-expert-output-init``): ``normal`` draws fc2 [h, ffn] from
+        megatron's output-layer init; ``zero`` zeroes it (the authors' code), so every sublayer
+        adds 0 and each expert stack starts as the identity (``z_K - h = 0``): the MoE layer's
+        output is 0 at step 0, while fc2 still gets gradients (fc1's are 0 until fc2 moves).
+        Every draw uses its own seeded generator, so the choice changes no other weight.
         """
+        if output_init not in ("normal", "zero"):
+            raise ValueError(f"expert output init must be normal or zero, got {output_init!r}")
         for sublayer_index, sublayer in enumerate(self.sublayers):
             for name, param in sublayer.named_parameters():
                 local, fc = _expert_weight_id(name)
                 if local is None:
+                    continue
+                if fc == 2 and output_init == "zero":
+                    param.zero_()
                     continue
                 expert = self.first_expert + local
                 init = self.config.init_method if fc == 1 else self.config.output_layer_init_method

@@ -131,7 +131,7 @@ class StableMoELayer(BaseMoELayer):
         torch seed, identical on every rank.
         """
         super().set_layer_number(layer_number)
-        self.experts.initialize(torch.initial_seed(), layer_number)
+        self.experts.initialize(torch.initial_seed(), layer_number, self.moe.expert_output_init)
 
     @property
     def stage(self) -> int:

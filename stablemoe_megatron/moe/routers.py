@@ -43,7 +43,8 @@ class RoutingDecision:
     aux_loss: scalar, coefficient-weighted sum of the losses this router adds to the total loss.
     host_tokens_per_expert: [N] CPU counts when known without a device sync, else None.
     metrics: detached scalars for logging (loss values, agreement, mean gate ...).
-    top1_expert_ids: [T] the router's own top-1 choice (stage-1 teacher), or None.
+    top1_expert_ids: [T] the router's own top-1 choice (the stage-1 distillation teacher: see
+        ``TokenChoiceRouter.distillation_teacher``), or None.
     one_pair_per_token: token_index is ``arange(T)`` (top-1 routing, nothing dropped): the
         dispatcher's sort by expert is then a permutation of the tokens (a faster path).
     """
@@ -138,8 +139,22 @@ class RouterBase(MegatronModule):
         return getattr(self.moe, f"{loss}_coeff")
 
     def _new_weight(self, rows: int, cols: int) -> torch.nn.Parameter:
+        """The router weight [N, d]: centroids E (stablemoe, base) or projection W (switch,
+        expert-choice), the same role (scores = hidden @ weight^T), so ``--moe-centroid-init``
+        covers both.
+
+        Every rank holds all N rows, drawn from the run's main RNG stream, which is the same on
+        every rank and not touched by the expert construction: the weight does not depend on the
+        expert-parallel size. ``normal``: megatron's init_method, N(0, --init-method-std).
+        ``orthogonal``: ``orthogonal_(gain)`` (the authors' code), rows orthonormal times the gain
+        when N <= d; it draws the same N*d normals before its QR, so every later weight is
+        initialised as with ``normal``.
+        """
         weight = torch.empty(rows, cols, dtype=torch.float32)
-        self.config.init_method(weight)
+        if self.moe.centroid_init == "orthogonal":
+            torch.nn.init.orthogonal_(weight, gain=self.moe.centroid_init_gain)
+        else:
+            self.config.init_method(weight)
         param = torch.nn.Parameter(weight)
         self._mark_replicated(param)
         return param
@@ -167,6 +182,8 @@ class TokenChoiceRouter(RouterBase):
             from stablemoe_megatron.routing.distilled import build_distilled_router
 
             options = {"num_layers": moe.distill_layers} if kind != "wordemb" else {}
+            options.update(embedding_init=moe.distill_embedding_init, centroid_init=moe.centroid_init,
+                           centroid_gain=moe.centroid_init_gain)
             self.distilled = build_distilled_router(kind, vocab_size, self.num_experts, moe.distill_dim, **options)
             self._mark_replicated(self.distilled)
         self.frozen = False
@@ -247,10 +264,11 @@ class TokenChoiceRouter(RouterBase):
             gates = self.chosen_gate(inputs.hidden, expert_ids)
             aux_loss, metrics = gates.new_zeros((), dtype=torch.float32), {}
         else:
-            expert_ids, gates, aux_loss, metrics = self.assign(self.scores(inputs.hidden))
-            teacher = expert_ids
+            scores = self.scores(inputs.hidden)
+            expert_ids, gates, aux_loss, metrics = self.assign(scores)
+            teacher = self.distillation_teacher(scores, expert_ids)
             if self.distilled is not None:
-                aux_loss = aux_loss + self._distill(inputs, expert_ids, metrics)
+                aux_loss = aux_loss + self._distill(inputs, teacher, metrics)
         token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
         one_pair_per_token = self.algorithm.one_pair_per_token
         if self.moe.expert_capacity_factor is not None and self.training:
@@ -261,6 +279,18 @@ class TokenChoiceRouter(RouterBase):
         metrics["mean_gate"] = _mean_gate(gates)
         return RoutingDecision(token_index, expert_ids, gates, aux_loss, host_counts, metrics, teacher,
                                one_pair_per_token)
+
+    def distillation_teacher(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Stage-1 distillation target [T] (``--moe-distill-teacher``), from scores [T, N] and the
+        assigned experts [T].
+
+        ``assignment``: the assigned experts (paper §3.1: where the token is actually sent).
+        ``greedy``: argmax of the backbone scores (the authors' code), which differs from the
+        assignment only for BASE's balanced assignment (greedy routers assign the argmax).
+        """
+        if self.moe.distill_teacher == "greedy" and self.distilled is not None:
+            return routing.greedy_assignment(scores.detach())
+        return expert_ids
 
     def _distill(self, inputs: RouterInputs, teacher_ids: torch.Tensor, metrics) -> torch.Tensor:
         student = self.distilled_scores(inputs)

@@ -15,6 +15,10 @@ The CNN and Transformer variants are causal so they never look at future tokens 
 Initialisation: embeddings, positions and centroids ~ normal(0, 0.02) (GPT-style small init, so
 initial scores are near zero and the first distillation steps are not dominated by noise);
 convolution and Transformer weights use PyTorch's defaults. All deterministic given the torch seed.
+The authors' code initialises differently; ``embedding_init="unit"`` (N(0, 1) embeddings) and
+``centroid_init="orthogonal"`` (orthogonal centroids of row norm ``centroid_gain``) reproduce it.
+Each option draws the same number of values from the torch RNG as the default, so it changes
+only its own tensor.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INIT_STD = 0.02
+EMBEDDING_INITS = {"normal": INIT_STD, "unit": 1.0}  # --moe-distill-embedding-init -> std
+CENTROID_INITS = ("normal", "orthogonal")  # --moe-centroid-init
 DISTILLED_ROUTER_KINDS = ("wordemb", "cnn", "transformer")
 
 
@@ -33,23 +39,36 @@ class DistilledRouter(nn.Module):
         embedding: ``nn.Embedding(vocab_size, dim)``.
         centroids: ``nn.Parameter [num_experts, dim]``, the distilled centroids E^.
         context_free: True when an id's scores do not depend on the other ids of the sequence.
+
+    Init options (``--moe-distill-embedding-init``, ``--moe-centroid-init``): ``embedding_init``
+    ``normal`` (N(0, 0.02)) or ``unit`` (N(0, 1), the authors' ``nn.Embedding``, without their
+    zeroed padding row: there is no pad id); ``centroid_init`` ``normal`` (N(0, 0.02)) or
+    ``orthogonal`` (``orthogonal_(gain=centroid_gain)``: rows orthonormal times the gain when
+    num_experts <= dim).
     """
 
     context_free: bool = False
 
-    def __init__(self, vocab_size: int, num_experts: int, dim: int = 50):
+    def __init__(self, vocab_size: int, num_experts: int, dim: int = 50, *, embedding_init: str = "normal",
+                 centroid_init: str = "normal", centroid_gain: float = 0.1):
         super().__init__()
         if vocab_size <= 0 or num_experts <= 0 or dim <= 0:
             raise ValueError(
                 f"need positive vocab_size, num_experts, dim; got {vocab_size}, {num_experts}, {dim}"
             )
+        if embedding_init not in EMBEDDING_INITS or centroid_init not in CENTROID_INITS:
+            raise ValueError(f"embedding_init must be one of {tuple(EMBEDDING_INITS)} and centroid_init one of "
+                             f"{CENTROID_INITS}; got {embedding_init!r}, {centroid_init!r}")
         self.vocab_size = vocab_size
         self.num_experts = num_experts
         self.dim = dim
         self.embedding = nn.Embedding(vocab_size, dim)
         self.centroids = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=INIT_STD)
-        nn.init.normal_(self.centroids, mean=0.0, std=INIT_STD)
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=EMBEDDING_INITS[embedding_init])
+        if centroid_init == "orthogonal":  # draws num_experts * dim normals, as the normal init
+            nn.init.orthogonal_(self.centroids, gain=centroid_gain)
+        else:
+            nn.init.normal_(self.centroids, mean=0.0, std=INIT_STD)
 
     def features(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Routing features: LongTensor ``[B, S]`` -> ``[B, S, dim]``."""
@@ -103,8 +122,8 @@ class CNNRouter(DistilledRouter):
     context_free = False
 
     def __init__(self, vocab_size: int, num_experts: int, dim: int = 50, kernel_size: int = 3,
-                 num_layers: int = 1):
-        super().__init__(vocab_size, num_experts, dim)
+                 num_layers: int = 1, **init_options):
+        super().__init__(vocab_size, num_experts, dim, **init_options)
         if kernel_size < 1 or num_layers < 1:
             raise ValueError(f"need kernel_size >= 1 and num_layers >= 1, got {kernel_size}, {num_layers}")
         self.kernel_size = kernel_size
@@ -130,8 +149,8 @@ class TransformerRouter(DistilledRouter):
     context_free = False
 
     def __init__(self, vocab_size: int, num_experts: int, dim: int = 50, num_layers: int = 1,
-                 num_heads: int = 2, max_positions: int = 4096):
-        super().__init__(vocab_size, num_experts, dim)
+                 num_heads: int = 2, max_positions: int = 4096, **init_options):
+        super().__init__(vocab_size, num_experts, dim, **init_options)
         if not 1 <= num_layers <= 3:
             raise ValueError(f"TransformerRouter: num_layers must be 1..3 (paper Table 6), got {num_layers}")
         if num_heads < 1 or dim % num_heads:
@@ -167,7 +186,8 @@ def build_distilled_router(kind: str, vocab_size: int, num_experts: int, dim: in
     """The distilled router of ``kind`` (``--moe-distill-router``): wordemb, cnn or transformer.
 
     ``options`` go to the class (``kernel_size``/``num_layers`` for cnn; ``num_layers``,
-    ``num_heads``, ``max_positions`` for transformer). Unknown kind -> ``ValueError``.
+    ``num_heads``, ``max_positions`` for transformer; ``embedding_init``, ``centroid_init``,
+    ``centroid_gain`` for all, see :class:`DistilledRouter`). Unknown kind -> ``ValueError``.
     """
     try:
         router_class = _ROUTER_CLASSES[kind]
