@@ -19,6 +19,7 @@ LAYER_POSITIONS = ("middle", "bottom", "top", "scattered")
 DISTILL_ROUTERS = ("wordemb", "cnn", "transformer")
 DISTILL_TEACHERS = ("assignment", "greedy")
 DISTILL_EMBEDDING_INITS = ("normal", "unit")
+EVAL_ROUTINGS = ("backbone", "distilled")
 EXPERT_OUTPUT_INITS = ("normal", "zero")
 CENTROID_INITS = ("normal", "orthogonal")
 
@@ -60,6 +61,12 @@ class MoEConfig:
         "help": "stage-1 distillation target: the expert the router assigned (assignment) or the "
                 "greedy argmax of the backbone scores (greedy, the authors' code); they differ only "
                 "for --moe-router base; needs a distilled router", "choices": DISTILL_TEACHERS})
+    eval_routing: str = field(default="backbone", metadata={
+        "help": "routing outside training (validation, test, the routing probe) while in stage 1: "
+                "the backbone router's greedy choice (backbone) or the distilled token-id router "
+                "(distilled, the authors' code: whenever a distilled router exists and the model is "
+                "not training); stage 2 always routes with the distilled router; needs a distilled "
+                "router", "choices": EVAL_ROUTINGS})
     distill_embedding_init: str = field(default="normal", metadata={
         "help": "distilled router token embedding init: N(0, 0.02) (normal) or N(0, 1) (unit, the "
                 "authors' nn.Embedding; their zeroed padding row has no counterpart here: no pad "
@@ -90,6 +97,11 @@ class MoEConfig:
                 "routing at evaluation"})
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def routes_distilled_in_evaluation(self) -> bool:
+        """Evaluation routes with the distilled router even in stage 1 (``--moe-eval-routing distilled``)."""
+        return self.eval_routing == "distilled" and self.effective_distill_router is not None
+
     @property
     def enabled(self) -> bool:
         return self.num_experts is not None
@@ -153,12 +165,14 @@ class MoEConfig:
         --moe-centroid-init is accepted for every router (the hash router has no weight: no effect).
         """
         for name, choices in (("distill_teacher", DISTILL_TEACHERS), ("distill_embedding_init", DISTILL_EMBEDDING_INITS),
+                              ("eval_routing", EVAL_ROUTINGS),
                               ("expert_output_init", EXPERT_OUTPUT_INITS), ("centroid_init", CENTROID_INITS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--moe-{name.replace('_', '-')} must be one of {', '.join(choices)}")
         if not self.centroid_init_gain > 0:
             raise ConfigError("--moe-centroid-init-gain must be > 0")
-        for name, default in (("distill_teacher", "assignment"), ("distill_embedding_init", "normal")):
+        for name, default in (("distill_teacher", "assignment"), ("distill_embedding_init", "normal"),
+                              ("eval_routing", "backbone")):
             if distill is None and getattr(self, name) != default:
                 raise ConfigError(f"--moe-{name.replace('_', '-')} {getattr(self, name)} needs a distilled router: "
                                   f"add --moe-distill-router wordemb, or drop it")

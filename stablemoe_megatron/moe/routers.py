@@ -259,7 +259,7 @@ class TokenChoiceRouter(RouterBase):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
         host_counts, teacher = None, None
-        if self.frozen:
+        if self.frozen or (not self.training and self.moe.routes_distilled_in_evaluation):
             expert_ids, host_counts = self.distilled_expert_ids(inputs)
             gates = self.chosen_gate(inputs.hidden, expert_ids)
             aux_loss, metrics = gates.new_zeros((), dtype=torch.float32), {}
