@@ -35,25 +35,35 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 
 def _megatron_defaults(run_config) -> dict:
-    """Architecture constants from megatron's own TransformerConfig for this model."""
-    import torch.nn.functional as F
+    """Architecture constants from megatron's own TransformerConfig for this model.
 
+    ``activation`` is the run's ``--activation``, checked against the function megatron applies,
+    so config.json never names an activation the pure-torch model would compute differently.
+    """
+    from stablemoe_megatron.export.model import ACTIVATION_FUNCTIONS
     from stablemoe_megatron.model.gpt import transformer_config
 
     tconfig = transformer_config(run_config.model, run_config.moe)
-    if tconfig.activation_func is not F.gelu or tconfig.gated_linear_unit or tconfig.add_bias_linear \
-            or getattr(tconfig, "qk_layernorm", False):
+    activation = run_config.model.activation
+    if tconfig.activation_func is not ACTIVATION_FUNCTIONS.get(activation) or tconfig.gated_linear_unit \
+            or tconfig.add_bias_linear or getattr(tconfig, "qk_layernorm", False):
         raise ConfigError("this model uses an architecture option the exporter does not implement "
-                          "(non-GeLU activation, GLU, linear biases or QK layernorm)")
+                          "(an activation other than GeLU / ReLU, GLU, linear biases or QK layernorm)")
     return {"layernorm_epsilon": tconfig.layernorm_epsilon, "num_query_groups": tconfig.num_query_groups,
-            "kv_channels": tconfig.kv_channels}
+            "kv_channels": tconfig.kv_channels, "activation": activation}
 
 
 def routing_stage(run_config, saved_stage: int, requested: Optional[int]) -> int:
-    """Stage whose routing the export uses: the checkpoint's, or 2 when asked (distilled routing)."""
+    """Stage whose routing the export uses: the checkpoint's, or 2 when asked (distilled routing).
+
+    A stage-1 checkpoint trained with ``--moe-eval-routing distilled`` is evaluated with its
+    distilled router, so its export routes that way too.
+    """
     moe = run_config.moe
     if requested is None:
-        return saved_stage if moe.effective_distill_router else 1
+        if not moe.effective_distill_router:
+            return 1
+        return 2 if moe.routes_distilled_in_evaluation else saved_stage
     if requested == 2 and not moe.effective_distill_router:
         raise ConfigError(f"--stage 2 needs a distilled router; this model (--moe-router {moe.router}) has none")
     if requested == 1 and saved_stage == 2:

@@ -5,7 +5,8 @@
 
 It computes the function of megatron-core's GPTModel as this project builds it: token (+ learned
 position) embeddings; per layer ``x += Attn(Norm(x))`` (causal, softmax scale 1/sqrt(head_dim),
-optional RoPE) and ``x += MLP(Norm(x))`` (fc1, exact GeLU, fc2, no biases); a final norm; logits
+optional RoPE) and ``x += MLP(Norm(x))`` (fc1, the activation of config.json ``activation``: exact
+GeLU or ReLU, fc2, no biases); a final norm; logits
 against the (tied) embedding. MoE layers use the evaluation-time routing of the trainer: the
 ``eval_routing`` of the router's registered algorithm (:mod:`stablemoe_megatron.routing.registry`):
 
@@ -33,6 +34,22 @@ from torch import nn
 from stablemoe_megatron import routing
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.export.schema import WEIGHTS_FILE, ExportedConfig, MoEExport, read_config
+
+
+ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": F.relu}  # megatron's activation_func of each
+
+
+def activation_function(config: ExportedConfig):
+    """The FFN activation of the backbone MLPs and expert sublayers (``--activation`` of the run).
+
+    The same torch functions megatron applies (``F.gelu`` is exact, not the tanh approximation),
+    so both models compute the same function.
+    """
+    try:
+        return ACTIVATION_FUNCTIONS[config.activation]
+    except KeyError:
+        raise ConfigError(f"config.json: activation {config.activation!r} is not supported "
+                          f"(known: {', '.join(ACTIVATION_FUNCTIONS)})") from None
 
 
 def _norm(config: ExportedConfig, size: int) -> nn.Module:
@@ -88,13 +105,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int):
+    """Dense FFN ``fc2(act(fc1(x)))``, no biases; ``activation`` defaults to exact GeLU."""
+
+    def __init__(self, hidden: int, ffn: int, activation=F.gelu):
         super().__init__()
         self.fc1 = nn.Linear(hidden, ffn, bias=False)
         self.fc2 = nn.Linear(ffn, hidden, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class _Weight(nn.Module):
@@ -130,9 +150,10 @@ class ExpertSublayer(nn.Module):
         self.fc1 = _Weight(n, f, d)
         self.fc2 = _Weight(n, d, f)
         self.norm = ExpertNorms(config, n) if with_norm else None
+        self.activation = activation_function(config)
 
     def ffn(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        return F.linear(F.gelu(F.linear(x, self.fc1.weight[expert])), self.fc2.weight[expert])
+        return F.linear(self.activation(F.linear(x, self.fc1.weight[expert])), self.fc2.weight[expert])
 
 
 _BUFFER_DTYPES = {"long": torch.long, "float": None, "bool": torch.bool}  # None: the default float dtype
@@ -209,7 +230,7 @@ class Layer(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = _norm(config, config.hidden_size)
         if moe_position != "mlp":
-            self.mlp = MLP(config.hidden_size, config.ffn_hidden_size)
+            self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, activation_function(config))
         self.moe = MoE(config, config.moe, sublayers, moe_position != "mlp") if moe_position else None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, angles) -> torch.Tensor:

@@ -6,8 +6,8 @@ An export directory holds::
     config.json         this schema (format "stablemoe-megatron-export", version 1)
     tokenizer files     tokenizer.model | vocab.json + merges.txt | hf_tokenizer/
 
-The architecture fields state megatron's choices explicitly (pre-norm, LayerNorm eps, exact GeLU,
-no linear biases, learned positions or RoPE with its base) so the pure-torch model in
+The architecture fields state megatron's choices explicitly (pre-norm, LayerNorm eps, the FFN
+activation, no linear biases, learned positions or RoPE with its base) so the pure-torch model in
 :mod:`stablemoe_megatron.export.model` computes the same function. ``run_config`` is the full
 training configuration, used by ``convert_checkpoint import`` to rebuild the Megatron model.
 """
@@ -80,7 +80,7 @@ class ExportedConfig:
     dtype: str
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
-    activation: str = "gelu"
+    activation: str = "gelu"  # gelu (exact) | relu; exports made before the option lack it: gelu
     moe: Optional[MoEExport] = None
     tokenizer: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)

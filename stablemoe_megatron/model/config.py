@@ -8,6 +8,7 @@ from stablemoe_megatron.errors import ConfigError
 
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass
@@ -24,6 +25,9 @@ class ModelConfig:
     position_embedding_type: str = field(default="learned_absolute", metadata={
         "help": "position embedding", "choices": POSITION_EMBEDDINGS})
     normalization: str = field(default="LayerNorm", metadata={"help": "norm", "choices": NORMALIZATIONS})
+    activation: str = field(default="gelu", metadata={"choices": ACTIVATIONS, "help":
+        "FFN activation of the backbone MLPs and of every expert FFN sublayer (gelu: megatron's exact "
+        "GeLU; relu matches the authors' StableMoE code)"})
     hidden_dropout: float = field(default=0.0, metadata={"range": "[0, 1)", "help": "dropout after attention/FFN (paper: 0)"})
     attention_dropout: float = field(default=0.0, metadata={"range": "[0, 1)", "help": "attention dropout (paper: 0)"})
     init_method_std: float = field(default=0.02, metadata={"range": "(0, inf)", "help": "std of normal weight initialisation"})
@@ -44,6 +48,8 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by "
                               f"--num-attention-heads {self.num_attention_heads}")

@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.model.config import ModelConfig
 from stablemoe_megatron.model.specs import HAVE_TE, decoder_block_spec
 from stablemoe_megatron.moe.config import MoEConfig
@@ -25,7 +26,8 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: i
                        sequence_parallel: bool = False, bf16: bool = False) -> TransformerConfig:
     """megatron TransformerConfig for this model and layout.
 
-    Bias-free linear layers (megatron's MoE expert path requires ``add_bias_linear=False``).
+    Bias-free linear layers (megatron's MoE expert path requires ``add_bias_linear=False``); the
+    FFN activation of ``--activation`` (:func:`_activation_kwargs`).
     Without CUDA: CPU initialisation, no fused kernels, and non-batched p2p (batched p2p gives
     wrong pipeline gradients under gloo; see docs/MEGATRON_CPU.md).
     """
@@ -43,11 +45,29 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: i
         gradient_accumulation_fusion=HAVE_TE, bias_activation_fusion=False, bias_dropout_fusion=cuda,
         masked_softmax_fusion=HAVE_TE, persist_layer_norm=False, apply_rope_fusion=HAVE_TE,
     )
+    kwargs.update(_activation_kwargs(model.activation))
     if moe.enabled:
         kwargs.update(num_moe_experts=moe.num_experts, moe_router_topk=1, moe_router_pre_softmax=True,
                       moe_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size,
                       hetereogenous_dist_checkpoint=True)
     return TransformerConfig(**kwargs)
+
+
+def _activation_kwargs(activation: str) -> dict:
+    """TransformerConfig settings for ``--activation``; empty for gelu (megatron's default F.gelu).
+
+    megatron's MLP and expert modules (SequentialMLP, TEGroupedMLP) apply ``config.activation_func``
+    to fc1's output, so this one setting covers the backbone MLPs and every expert FFN sublayer.
+    gelu passes nothing, so its config (and training) stays exactly what it was before the option.
+    ``bias_activation_fusion`` is off either way (no linear biases), so no gelu-specific fused
+    kernel is selected; transformer-engine's own activation modules (``use_te_activation_func``)
+    stay off too, so both backends call the torch function.
+    """
+    if activation == "gelu":
+        return {}
+    if activation == "relu":
+        return {"activation_func": torch.nn.functional.relu}
+    raise ConfigError(f"--activation must be gelu or relu, got {activation!r}")
 
 
 def transformer_config_for(run) -> TransformerConfig:

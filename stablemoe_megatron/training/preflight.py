@@ -18,10 +18,11 @@ from stablemoe_megatron.checkpoint import (
     CONFIG_FILE, STATE_FILE, TRACKER, complete_iterations, read_train_state, resolve_load_dir)
 from stablemoe_megatron.training.save_dir import check_existing_work, resumes_from
 
-# Settings that define the model's parameters: a checkpoint only loads into the same values.
+# Settings that define the model's parameters (and the function they compute: ``activation``): a
+# checkpoint only loads into the same values. A run_config.yaml without a key has its default.
 SHAPE_FIELDS = {
     "model": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "normalization",
-              "position_embedding_type", "untie_embeddings_and_output_weights"),
+              "position_embedding_type", "untie_embeddings_and_output_weights", "activation"),
     "moe": ("num_experts", "router", "layer_positions", "layer_freq", "sublayers_per_expert",
             "expert_ffn_hidden_size", "distill_router", "distill_dim", "distill_layers"),
 }
