@@ -153,20 +153,28 @@ def read_sources(path: str):
                      "run `apt-get download python3.11-doc` and pass the .deb")
 
 
+def ar_members(data: bytes):
+    """Yield ``(name, payload)`` for each member of an ar archive (a .deb is one: debian-binary,
+    control.tar.*, data.tar.*). Shared with tools/build_large_corpus.py, which also reads control."""
+    pos = 8
+    while pos + 60 <= len(data):
+        name = data[pos:pos + 16].decode().strip().rstrip("/")
+        size = int(data[pos + 48:pos + 58].decode().strip())
+        yield name, data[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size % 2)
+
+
 def read_deb(path: str):
     """Read the reST sources straight out of a .deb (an ar archive holding data.tar.xz)."""
     with open(path, "rb") as f:
         data = f.read()
     if not data.startswith(b"!<arch>\n"):
         raise SystemExit(f"build_corpus.py: error: {path} is not a .deb (ar) archive")
-    pos, payload = 8, None
-    while pos + 60 <= len(data):
-        name = data[pos:pos + 16].decode().strip().rstrip("/")
-        size = int(data[pos + 48:pos + 58].decode().strip())
+    name, payload = "", None
+    for name, member in ar_members(data):
         if name.startswith("data.tar"):
-            payload = data[pos + 60:pos + 60 + size]
+            payload = member
             break
-        pos += 60 + size + (size % 2)
     if payload is None or name.endswith(".zst"):
         raise SystemExit(f"build_corpus.py: error: {path}: no data.tar.xz/gz member; extract it with "
                          "`dpkg-deb -x` and pass the .../html/_sources directory")
@@ -202,24 +210,27 @@ def collect_titles(pages):
 
 # ---- split assignment and output ----------------------------------------------------------------
 
-def split_of(source: str, title: str) -> str:
-    """train/valid/test from a stable hash of the document's path and title."""
+def split_of(source: str, title: str, splits=SPLITS) -> str:
+    """train/valid/test from a stable hash of the document's path and title (``splits``: widths
+    per 10,000 buckets, in order; the rest is train)."""
     bucket = int(hashlib.sha256(f"{source}\n{title}".encode("utf-8")).hexdigest(), 16) % 10_000
-    for name, width in SPLITS:
+    for name, width in splits:
         if bucket < width:
             return name
         bucket -= width
     return "train"
 
 
-def page_documents(page: str, text: str, ctx: Context, args):
-    """``[(title, text)]`` for one page, near-empty documents dropped."""
-    ctx.substitutions = dict(SUBSTITUTIONS)
+def page_documents(page: str, text: str, ctx: Context, args,
+                   substitutions=SUBSTITUTIONS, renderer_class=Renderer):
+    """``[(title, text)]`` for one page, near-empty documents dropped. ``substitutions`` (|version|
+    and the like) and ``renderer_class`` let tools/build_large_corpus.py render other Sphinx projects."""
+    ctx.substitutions = dict(substitutions)
     for line in text.splitlines():
         definition = SUBST_DEF_RE.match(line)
         if definition:
             ctx.substitutions[definition.group(1)] = definition.group(2).strip()
-    splitter = PageSplitter(Renderer(ctx, args.max_code_lines), args.min_doc_bytes, args.max_doc_bytes)
+    splitter = PageSplitter(renderer_class(ctx, args.max_code_lines), args.min_doc_bytes, args.max_doc_bytes)
     documents, seen = [], collections.Counter()
     for title, blocks in splitter.split(text.splitlines()):
         if prose_bytes(blocks) < args.min_prose_bytes:
