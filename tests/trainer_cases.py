@@ -45,21 +45,27 @@ def losses_by_iteration(records) -> dict:
     return {r["iteration"]: r["lm_loss"] for r in records if "lm_loss" in r}
 
 
-def train_and_inspect_frozen_router(argv):
-    """Train through the switch; return this rank's view of the frozen distilled routers."""
-    import torch
-
-    from stablemoe_megatron.cli_args import parse_config
+def _trained(config):
+    """A Trainer built for ``config`` and run through its loop (no final evaluations), --save released."""
     from stablemoe_megatron.training.build import build
     from stablemoe_megatron.training.loop import train_loop
     from stablemoe_megatron.training.reporting import Reporter
 
-    config = parse_config(argv)
     trainer = build(config, "train")
     try:
         train_loop(trainer, Reporter(None, None, config.training.train_iters))
     finally:
         trainer.release()
+    return trainer
+
+
+def train_and_inspect_frozen_router(argv):
+    """Train through the switch; return this rank's view of the frozen distilled routers."""
+    import torch
+
+    from stablemoe_megatron.cli_args import parse_config
+    config = parse_config(argv)
+    trainer = _trained(config)
     params = [p for r in trainer.model.distilled_routers() for p in r.distilled.parameters()]
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     probe = torch.arange(trainer.tokenizer.vocab_size).view(1, -1)
@@ -81,16 +87,8 @@ def hash_tables_after_training(argv):
     from stablemoe_megatron import data as data_lib
     from stablemoe_megatron.cli_args import parse_config
     from stablemoe_megatron.routing import frequency_balanced_hash_table
-    from stablemoe_megatron.training.build import build
-    from stablemoe_megatron.training.loop import train_loop
-    from stablemoe_megatron.training.reporting import Reporter
-
     config = parse_config(argv)
-    trainer = build(config, "train")
-    try:
-        train_loop(trainer, Reporter(None, None, config.training.train_iters))
-    finally:
-        trainer.release()
+    trainer = _trained(config)
     vocab = trainer.model.moe_layers[0].router.table.numel()
     expected = frequency_balanced_hash_table(data_lib.token_counts(config.data, vocab),
                                              config.moe.num_experts, config.moe.hash_seed)
