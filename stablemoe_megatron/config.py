@@ -200,14 +200,37 @@ class RunConfig:
 
     def validate(self, world_size: int) -> None:
         """Every check that needs no data or checkpoint; ConfigError names the flags and the fix."""
+        check_ranges(self)
+        self._validate_sizes(world_size)
+        self.moe.validate(self.model.num_layers, self.training.train_iters)
+        self._validate_layout()
+        self._validate_batch(world_size)
+        if self.optimizer.min_lr > self.optimizer.lr:
+            raise ConfigError(f"--min-lr {self.optimizer.min_lr} is above --lr {self.optimizer.lr}")
+        if not self.data.data_path:
+            raise ConfigError("--data-path is required: a PREFIX of a .bin/.idx dataset (see tools/preprocess_data.py)")
+
+    def fits_layout(self, world_size: int) -> bool:
+        """Whether the parallel layout works for ``world_size`` processes and this model."""
+        try:
+            self._validate_sizes(world_size)
+            self._validate_layout()
+        except ConfigError:
+            return False
+        return True
+
+    def _validate_sizes(self, world_size: int) -> None:
+        """TP x PP x EP against the world size, the model's shape against TP."""
         from stablemoe_megatron.parallel import ParallelSizes
 
-        check_ranges(self)
         par = self.parallel
         ParallelSizes(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                       par.expert_model_parallel_size).validate(world_size)
         self.model.validate(par.tensor_model_parallel_size)
-        self.moe.validate(self.model.num_layers, self.training.train_iters)
+
+    def _validate_layout(self) -> None:
+        """Experts vs EP, sequence parallelism for MoE under TP, layers vs PP."""
+        par = self.parallel
         if self.moe.enabled and self.moe.num_experts % par.expert_model_parallel_size:
             raise ConfigError(f"--num-experts {self.moe.num_experts} is not divisible by "
                               f"--expert-model-parallel-size {par.expert_model_parallel_size}")
@@ -219,11 +242,6 @@ class RunConfig:
         if self.model.num_layers % par.pipeline_model_parallel_size:
             raise ConfigError(f"--num-layers {self.model.num_layers} is not divisible by "
                               f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}")
-        self._validate_batch(world_size)
-        if self.optimizer.min_lr > self.optimizer.lr:
-            raise ConfigError(f"--min-lr {self.optimizer.min_lr} is above --lr {self.optimizer.lr}")
-        if not self.data.data_path:
-            raise ConfigError("--data-path is required: a PREFIX of a .bin/.idx dataset (see tools/preprocess_data.py)")
 
     def _validate_batch(self, world_size: int) -> None:
         micro, dp = self.training.micro_batch_size, self.data_parallel_size(world_size)

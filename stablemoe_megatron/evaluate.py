@@ -104,20 +104,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     return result
 
 
-def _fits(config, world: int) -> bool:
-    from stablemoe_megatron.parallel import ParallelSizes
-
-    p = config.parallel
-    try:
-        ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                      p.expert_model_parallel_size).validate(world)
-    except ConfigError:
-        return False
-    experts = config.moe.num_experts or 1
-    return (experts % p.expert_model_parallel_size == 0 and config.model.num_layers % p.pipeline_model_parallel_size == 0
-            and config.model.num_attention_heads % p.tensor_model_parallel_size == 0)
-
-
 def choose_layout(config, world: int, explicit: bool) -> Optional[str]:
     """Set ``config.parallel`` for ``world`` processes; return a note when the checkpoint's layout was replaced.
 
@@ -125,7 +111,7 @@ def choose_layout(config, world: int, explicit: bool) -> Optional[str]:
     Otherwise the checkpoint's layout is kept when it fits, else TP = PP = EP = 1.
     """
     p = config.parallel
-    if explicit or _fits(config, world):
+    if explicit or config.fits_layout(world):
         return None
     saved = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size)
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.expert_model_parallel_size = 1

@@ -5,7 +5,8 @@ VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
 
 
 def build(router="stablemoe", layout="paper", positions="middle", sublayers=2, num_layers=4,
-          distill=None, capacity=None, **parallel):
+          distill=None, capacity=None, moe_options=None, **parallel):
+    """A tiny GPT with MoE layers; ``moe_options`` are further MoEConfig fields."""
     from megatron.core import parallel_state as ps
 
     from stablemoe_megatron.model.config import ModelConfig
@@ -16,7 +17,7 @@ def build(router="stablemoe", layout="paper", positions="middle", sublayers=2, n
                             seq_length=SEQ, untie_embeddings_and_output_weights=True)
     moe = MoEConfig(num_experts=EXPERTS, router=router, layer_positions=positions,
                     layer_freq=2 if layout == "megatron" else None, sublayers_per_expert=sublayers,
-                    distill_router=distill, expert_capacity_factor=capacity)
+                    distill_router=distill, expert_capacity_factor=capacity, **(moe_options or {}))
     config = transformer_config(
         model_cfg, moe, tensor_parallel=ps.get_tensor_model_parallel_world_size(),
         pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),

@@ -19,21 +19,9 @@ HIDDEN = 32
 # ----------------------------------------------------------------------------------------------
 def build(router="stablemoe", layout="paper", distill=None, sublayers=2, **moe_options):
     """A 4-layer GPT with one paper-layout MoE block (or Megatron-layout MoE MLPs every 2 layers)."""
-    from megatron.core import parallel_state as ps
+    import moe_cases
 
-    from stablemoe_megatron.model.config import ModelConfig
-    from stablemoe_megatron.model.gpt import build_model, transformer_config
-    from stablemoe_megatron.moe.config import MoEConfig
-
-    model_cfg = ModelConfig(num_layers=4, hidden_size=HIDDEN, num_attention_heads=4, seq_length=SEQ,
-                            untie_embeddings_and_output_weights=True)
-    moe = MoEConfig(num_experts=EXPERTS, router=router, layer_freq=2 if layout == "megatron" else None,
-                    sublayers_per_expert=sublayers, distill_router=distill, **moe_options)
-    tp = ps.get_tensor_model_parallel_world_size()
-    config = transformer_config(
-        model_cfg, moe, tensor_parallel=tp, pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
-        expert_parallel=ps.get_expert_model_parallel_world_size(), sequence_parallel=tp > 1)
-    return build_model(model_cfg, moe, VOCAB, config)
+    return moe_cases.build(router, layout, sublayers=sublayers, distill=distill, moe_options=moe_options)
 
 
 def built_with_seed(seed, **kwargs):

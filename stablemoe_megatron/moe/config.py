@@ -5,6 +5,7 @@ Megatron-LM's ``--moe-*`` convention where Megatron has the same knob.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +21,9 @@ DISTILL_ROUTERS = ("wordemb", "cnn", "transformer")
 DISTILL_TEACHERS = ("assignment", "greedy")
 DISTILL_EMBEDDING_INITS = ("normal", "unit")
 EVAL_ROUTINGS = ("backbone", "distilled")
+# Fields checked by _validate_init_options; the distillation ones need a distilled router.
+RECIPE_OPTIONS = ("expert_output_init", "centroid_init")
+DISTILLATION_OPTIONS = ("distill_teacher", "distill_embedding_init", "eval_routing")
 EXPERT_OUTPUT_INITS = ("normal", "zero")
 CENTROID_INITS = ("normal", "orthogonal")
 
@@ -160,20 +164,20 @@ class MoEConfig:
             raise ConfigError("--moe-distill-dim must be >= 1")
 
     def _validate_init_options(self, distill: Optional[str]) -> None:
-        """Choices of the authors'-recipe options; the distillation ones need a distilled router.
+        """Choices of the authors'-recipe options (from the fields' ``choices``); the distillation
+        ones need a distilled router unless left at their field default.
 
         --moe-centroid-init is accepted for every router (the hash router has no weight: no effect).
         """
-        for name, choices in (("distill_teacher", DISTILL_TEACHERS), ("distill_embedding_init", DISTILL_EMBEDDING_INITS),
-                              ("eval_routing", EVAL_ROUTINGS),
-                              ("expert_output_init", EXPERT_OUTPUT_INITS), ("centroid_init", CENTROID_INITS)):
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for name in RECIPE_OPTIONS + DISTILLATION_OPTIONS:
+            choices = fields[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--moe-{name.replace('_', '-')} must be one of {', '.join(choices)}")
         if not self.centroid_init_gain > 0:
             raise ConfigError("--moe-centroid-init-gain must be > 0")
-        for name, default in (("distill_teacher", "assignment"), ("distill_embedding_init", "normal"),
-                              ("eval_routing", "backbone")):
-            if distill is None and getattr(self, name) != default:
+        for name in DISTILLATION_OPTIONS:
+            if distill is None and getattr(self, name) != fields[name].default:
                 raise ConfigError(f"--moe-{name.replace('_', '-')} {getattr(self, name)} needs a distilled router: "
                                   f"add --moe-distill-router wordemb, or drop it")
 
