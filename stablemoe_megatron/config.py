@@ -98,6 +98,10 @@ class LoggingConfig:
     routing_probe_interval: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "iterations between routing probes (fluctuation tracking); absent = off"})
     routing_probe_tokens: int = field(default=4096, metadata={"range": "[1, inf)", "help": "held-out tokens in the routing probe"})
+    eval_moe_bypass: bool = field(default=False, metadata={
+        "help": "at every validation also evaluate with each paper-layout MoE block skipped (h_out = h: "
+                "the backbone alone) and log it as split validation_moe_bypassed: how much the model "
+                "relies on its MoE block"})
 
 
 SECTIONS = {
@@ -209,6 +213,9 @@ class RunConfig:
             raise ConfigError(f"--min-lr {self.optimizer.min_lr} is above --lr {self.optimizer.lr}")
         if not self.data.data_path:
             raise ConfigError("--data-path is required: a PREFIX of a .bin/.idx dataset (see tools/preprocess_data.py)")
+        if self.logging.eval_moe_bypass and (not self.moe.enabled or self.moe.megatron_layout):
+            raise ConfigError("--eval-moe-bypass skips the paper-layout MoE blocks; this model has none "
+                              "(dense, or --moe-layer-freq puts the experts in the MLPs): drop --eval-moe-bypass")
 
     def fits_layout(self, world_size: int) -> bool:
         """Whether the parallel layout works for ``world_size`` processes and this model."""

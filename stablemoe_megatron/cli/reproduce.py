@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -65,57 +64,123 @@ def tiny_size() -> dict:
     """configs/tiny.yaml as {section: {field: value}} (a copy)."""
     return copy.deepcopy(_size())
 
-# name -> (paper's name, MoE flags); "{stage2}" is replaced by 10 % of the iterations
+# name -> (paper's name, flags); "{stage2@P}" is replaced by P % of the iterations. Every variant
+# also gets its recipe's flags (RECIPES), MoE variants the MoE shape and the probe (train_flags).
+_STABLEMOE = ["--moe-router", "stablemoe", "--moe-balance-loss-coeff", "0.3", "--moe-distill-router", "wordemb",
+              "--moe-distill-dim", "50"]
 VARIANTS: "OrderedDict[str, tuple]" = OrderedDict([
     ("dense", ("Standard Transformer (no MoE block)", [])),
     ("switch", ("Switch Transformer", ["--moe-router", "switch", "--moe-aux-loss-coeff", "0.01"])),
     ("base", ("BASE Layer", ["--moe-router", "base"])),
     ("hash", ("Hash Layer (random table)", ["--moe-router", "hash", "--moe-hash-table", "random"])),
     ("expert-choice", ("Expert Choice (c = 1)", ["--moe-router", "expert-choice", "--moe-expert-capacity-factor", "1"])),
-    ("stablemoe", ("StableMoE (stage 2 from 10 %)", ["--moe-router", "stablemoe", "--moe-balance-loss-coeff", "0.3",
-                                                     "--moe-distill-router", "wordemb", "--moe-distill-dim", "50",
-                                                     "--moe-stage2-start-iter", "{stage2}"])),
-    ("stablemoe-stage1", ("StableMoE stage 1 only", ["--moe-router", "stablemoe", "--moe-balance-loss-coeff", "0.3",
-                                                     "--moe-distill-router", "wordemb", "--moe-distill-dim", "50"])),
+    ("stablemoe", ("StableMoE (stage 2 from 10 %)", [*_STABLEMOE, "--moe-stage2-start-iter", "{stage2@10}"])),
+    ("stablemoe-25", ("StableMoE (stage 2 from 25 %)", [*_STABLEMOE, "--moe-stage2-start-iter", "{stage2@25}"])),
+    ("stablemoe-50", ("StableMoE (stage 2 from 50 %)", [*_STABLEMOE, "--moe-stage2-start-iter", "{stage2@50}"])),
+    ("stablemoe-stage1", ("StableMoE stage 1 only", list(_STABLEMOE))),
     ("base-distill-freeze", ("BASE + distil-and-freeze (10 %)", ["--moe-router", "base", "--moe-distill-router", "wordemb",
                                                                   "--moe-distill-dim", "50", "--moe-stage2-start-iter",
-                                                                  "{stage2}"])),
+                                                                  "{stage2@10}"])),
     ("dense-ffn", ("dense + K FFN sublayers (equal FLOPs)", ["--moe-router", "hash"])),
 ])
-DEFAULT_VARIANTS = [name for name in VARIANTS if name != "dense-ffn"]
-# paper Table 2 / Table 5 (base size, valid / test PPL), for the table's last column
+# The stage-1 study: StableMoE stage 1 only with ONE recipe item changed (flags appended last: they win).
+ABLATIONS: "OrderedDict[str, tuple]" = OrderedDict([
+    ("s1-previous", ("stage 1, this trainer's previous defaults (every item below reverted)",
+                     ["--activation", "gelu", "--weight-decay", "0.01", "--moe-expert-output-init", "normal",
+                      "--moe-centroid-init", "normal", "--moe-distill-embedding-init", "normal",
+                      "--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone"], "stablemoe-stage1")),
+    ("dense-previous", ("dense, previous defaults (GELU, weight decay 0.01)",
+                        ["--activation", "gelu", "--weight-decay", "0.01"], "dense")),
+    ("s1-alpha0", ("stage 1, alpha = 0 (no balance loss)", ["--moe-balance-loss-coeff", "0"], "stablemoe-stage1")),
+    ("s1-alpha1", ("stage 1, alpha = 1.0", ["--moe-balance-loss-coeff", "1.0"], "stablemoe-stage1")),
+    ("s1-expert-init-normal", ("stage 1, expert fc2 N(0, 0.02/sqrt(2L))", ["--moe-expert-output-init", "normal"],
+                               "stablemoe-stage1")),
+    ("s1-centroid-init-normal", ("stage 1, centroids N(0, 0.02)", ["--moe-centroid-init", "normal"], "stablemoe-stage1")),
+    ("s1-gelu", ("stage 1, GELU", ["--activation", "gelu"], "stablemoe-stage1")),
+    ("s1-weight-decay", ("stage 1, weight decay 0.01", ["--weight-decay", "0.01"], "stablemoe-stage1")),
+    ("s1-no-capacity", ("stage 1, no capacity", ["--moe-expert-capacity-factor", "1000"], "stablemoe-stage1")),
+    ("s1-distill-coeff1", ("stage 1, distillation coefficient 1.0", ["--moe-distill-loss-coeff", "1.0"],
+                           "stablemoe-stage1")),
+])
+# The authors' recipe (docs/RECIPE.md), as flags: for every variant; for MoE variants; for variants with
+# a distilled router; the capacity of their command for the StableMoE router. "previous": none of it.
+RECIPES = {
+    "authors": {"all": ["--activation", "relu", "--weight-decay", "0"],
+                "moe": ["--moe-expert-output-init", "zero", "--moe-centroid-init", "orthogonal"],
+                "distilled": ["--moe-distill-loss-coeff", "0.3", "--moe-eval-routing", "distilled",
+                              "--moe-distill-embedding-init", "unit", "--moe-distill-teacher", "greedy"],
+                "stablemoe": ["--moe-expert-capacity-factor", "2"]},
+    "previous": {"all": [], "moe": [], "distilled": [], "stablemoe": []},
+}
+DEFAULT_VARIANTS = ["stablemoe", "stablemoe-stage1", "dense", "dense-ffn", "hash", "switch", "base",
+                    "stablemoe-25", "stablemoe-50", "expert-choice", "base-distill-freeze"]
+# paper Table 2 / Table 5 / Table 6 (base size, valid / test PPL), for the table's last column
 PAPER_PPL = {"dense": (23.02, 22.58), "switch": (19.79, 19.20), "base": (20.04, 19.69), "hash": (19.63, 19.25),
              "stablemoe": (19.28, 18.93), "stablemoe-stage1": (19.48, None), "base-distill-freeze": (19.41, None)}
+
+
+def variant_definition(name: str):
+    """(paper name, variant flags, base variant) of a variant or ablation."""
+    if name in ABLATIONS:
+        label, overrides, base = ABLATIONS[name]
+        return label, VARIANTS[base][1] + overrides, base
+    label, flags = VARIANTS[name]
+    return label, flags, name
 
 
 # ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
-def train_flags(name: str, run_dir: Path, args) -> List[str]:
-    """Trainer flags of one variant (see the module doc for what is shared)."""
+def _recipe_flags(recipe: dict, moe_flags: Sequence[str]) -> List[str]:
+    flags = list(recipe["all"])
+    if moe_flags:
+        flags += recipe["moe"]
+    if "--moe-distill-router" in moe_flags or "stablemoe" in moe_flags:
+        flags += recipe["distilled"]
+    if "stablemoe" in moe_flags:
+        flags += recipe["stablemoe"]
+    return flags
+
+
+def train_flags(name: str, run_dir: Path, args, seed: Optional[int] = None) -> List[str]:
+    """Trainer flags of one variant (see the module doc for what is shared), ``seed`` or ``--seed``."""
     data, iters = Path(args.data_dir), args.train_iters
     size = tiny_size()
     moe_shape = size.pop("moe")  # the MoE variants' experts and sublayers (below)
-    size.pop("checkpoint", None)  # checkpoints only with --keep-checkpoints (below)
-    size["optimizer"]["lr_warmup_iters"] = max(1, iters // 10)
-    size["training"].update(train_iters=iters, eval_interval=iters, eval_iters=args.eval_iters, seed=args.seed)
+    size.pop("checkpoint", None)  # checkpoints: the resume points (below)
+    size["optimizer"]["lr_warmup_iters"] = max(1, round(iters * args.warmup_percent / 100))
+    eval_interval = args.eval_interval or iters
+    size["training"].update(train_iters=iters, eval_interval=eval_interval, eval_iters=args.eval_iters,
+                            seed=args.seed if seed is None else seed)
+    size["logging"]["log_interval"] = args.log_interval
     flags = [*to_flags(size),
              "--data-path", data / "corpus_train_text_document", "--split", "100,0,0",
              "--valid-data-path", data / "corpus_valid_text_document",
              "--test-data-path", data / "corpus_test_text_document",
              "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data / "spm.model",
-             "--metrics-file", run_dir / "metrics.jsonl"]
-    if args.keep_checkpoints:  # the probe history then lives under the --save directory
-        flags += ["--save", run_dir / "checkpoints", "--save-interval", iters]
-    _, moe = VARIANTS[name]
-    if moe:
-        experts = 1 if name == "dense-ffn" else moe_shape["num_experts"]
+             "--metrics-file", run_dir / "metrics.jsonl",
+             "--save", run_dir / "checkpoints", "--load", run_dir / "checkpoints",
+             "--save-interval", args.save_interval or iters]
+    _, variant, base = variant_definition(name)
+    is_moe = bool(VARIANTS[base][1])
+    flags += _recipe_flags(RECIPES[args.recipe], VARIANTS[base][1])
+    if is_moe:
+        experts = 1 if base == "dense-ffn" else moe_shape["num_experts"]
         ep = min(experts, args.nproc)
         flags += ["--num-experts", experts, "--moe-layer-positions", "middle",
-                  "--moe-sublayers-per-expert", moe_shape["sublayers_per_expert"], "--expert-model-parallel-size", ep]
-        flags += [f.replace("{stage2}", str(max(1, iters // 10))) for f in moe]
-        flags += ["--routing-probe-interval", args.probe_interval, "--routing-probe-tokens", args.probe_tokens]
+                  "--moe-sublayers-per-expert", moe_shape["sublayers_per_expert"], "--expert-model-parallel-size", ep,
+                  "--routing-probe-interval", args.probe_interval, "--routing-probe-tokens", args.probe_tokens]
+        if args.eval_moe_bypass:
+            flags += ["--eval-moe-bypass"]
+    flags += [_fill_stage2(f, iters) for f in variant]
     return [str(f) for f in flags]
+
+
+def _fill_stage2(flag: str, iters: int) -> str:
+    if flag.startswith("{stage2@"):
+        percent = int(flag[len("{stage2@"):-1])
+        return str(max(1, iters * percent // 100))
+    return flag
 
 
 def launcher(nproc: int) -> List[str]:
@@ -133,148 +198,76 @@ def probe_root(run_dir: Path) -> Path:
     return saved if (saved / "routing_probe").is_dir() else run_dir
 
 
-def run_variant(name: str, run_dir: Path, args, log=print) -> dict:
-    """Train one variant (or reuse a finished run); returns {"command", "wall_s", "reused"}."""
+class SettingsChanged(RuntimeError):
+    """A run directory holds a run made with other flags: never reused or resumed silently."""
+
+
+def _check_same_flags(run_dir: Path, flags: List[str]) -> Optional[dict]:
+    """The run's run.json if it was made with ``flags``; None if there is none; SettingsChanged otherwise."""
     meta_path = run_dir / "run.json"
-    if finished(run_dir) and meta_path.exists():
-        log(f"{PROG}: {name}: reusing the finished run in {run_dir}")
-        return dict(json.loads(meta_path.read_text()), reused=True)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    command = launcher(args.nproc) + train_flags(name, run_dir, args)
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("flags") != flags:
+        old, new = meta.get("flags") or [], flags
+        first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        raise SettingsChanged(
+            f"{run_dir} holds a run made with other settings (first difference at flag {first}: "
+            f"{' '.join(old[max(0, first - 1):first + 2]) or '(none)'} vs {' '.join(new[max(0, first - 1):first + 2]) or '(none)'}): "
+            f"use another --output, or --fresh to start the reproduction over")
+    return meta
+
+
+def run_variant(name: str, seed: int, run_dir: Path, args, log=print) -> dict:
+    """Train one variant at one seed, resume an interrupted attempt, or reuse a finished run;
+    returns {"command", "wall_s", "reused"}."""
+    flags = train_flags(name, run_dir, args, seed)
+    meta = _check_same_flags(run_dir, flags)
+    if meta is not None and finished(run_dir):
+        log(f"{PROG}: {name} seed {seed}: reusing the finished run in {run_dir}")
+        return dict(meta, reused=True)
+    resuming = meta is not None and (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
+    if not resuming and run_dir.exists():
+        shutil.rmtree(run_dir)  # an attempt that left no checkpoint: nothing to keep
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # --load of an empty directory: a fresh start
+    command = launcher(args.nproc) + flags
+    meta = {"flags": flags, "command": " ".join(command[1:]), "nproc": args.nproc, "seed": seed,
+            "wall_s": (meta or {}).get("wall_s", 0.0) if resuming else 0.0}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1))
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
-    log(f"{PROG}: {name}: training ({args.train_iters} iterations, {args.nproc} process(es)) -> {run_dir}/train.log")
-    start = time.perf_counter()
-    load_start = os.getloadavg()
-    with open(run_dir / "train.log", "w") as out:
+    log(f"{PROG}: {name} seed {seed}: {'resuming' if resuming else 'training'} ({args.train_iters} iterations, "
+        f"{args.nproc} process(es)) -> {run_dir}/train.log")
+    start, load_start = time.perf_counter(), os.getloadavg()
+    with open(run_dir / "train.log", "a") as out:
         proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     wall = time.perf_counter() - start
+    meta.update(wall_s=meta["wall_s"] + wall, load_average={"start": load_start, "end": os.getloadavg()})
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1))
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-20:]
-        raise RuntimeError(f"{name}: the trainer exited with {proc.returncode} after {wall:.0f} s; "
+        raise RuntimeError(f"{name} seed {seed}: the trainer exited with {proc.returncode} after {wall:.0f} s; "
                            f"last lines of {run_dir}/train.log:\n" + "\n".join(tail))
-    meta = {"command": " ".join(command[1:]), "wall_s": wall, "nproc": args.nproc,
-            "load_average": {"start": load_start, "end": os.getloadavg()}}
-    meta_path.write_text(json.dumps(meta, indent=1))
-    log(f"{PROG}: {name}: done in {wall / 60:.1f} min")
+    if not args.keep_checkpoints:
+        _drop_checkpoints(run_dir / "checkpoints")
+    log(f"{PROG}: {name} seed {seed}: done in {wall / 60:.1f} min")
     return dict(meta, reused=False)
+
+
+def _drop_checkpoints(save_dir: Path) -> None:
+    """A finished run's resume points are not needed (the routing-probe history and config stay)."""
+    for path in save_dir.glob("iter_*"):
+        shutil.rmtree(path, ignore_errors=True)
+    (save_dir / "latest_checkpointed_iteration.txt").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # results
 # ------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> List[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
+    from stablemoe_megatron.analysis.seeds import read_jsonl as read
 
-
-def summarize(name: str, run_dir: Path, meta: dict) -> dict:
-    """The table row of one finished run."""
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    evals = {r["split"]: r for r in records if "split" in r}
-    iters = [r for r in records if "tokens_per_sec" in r and "split" not in r]
-    speeds = [r["tokens_per_sec"] for r in iters[1:]] or [r["tokens_per_sec"] for r in iters]
-    row = {"variant": name, "paper_name": VARIANTS[name][0],
-           "valid_ppl": evals.get("validation", {}).get("val_ppl"), "test_ppl": evals.get("test", {}).get("val_ppl"),
-           "valid_loss": evals.get("validation", {}).get("val_loss"), "test_loss": evals.get("test", {}).get("val_loss"),
-           "tokens_per_sec": statistics.median(speeds) if speeds else None,
-           "tokens_per_sec_quartiles": _quartiles(speeds), "final_train_loss": iters[-1]["lm_loss"] if iters else None,
-           "wall_s": meta.get("wall_s"), "command": meta.get("command"), "fluctuation": None}
-    fluct = [r["routing_fluctuation"] for r in records if "routing_fluctuation" in r]
-    if fluct:
-        layers = fluct[-1]["layers"]
-        routed = [entry for entry in layers if entry.get("view") == "routed"] or layers
-        row["fluctuation"] = {f"after_{p}": statistics.mean(e[f"after_{p}"] for e in routed) for p in (20, 50, 80)}
-        row["fluctuation_views"] = {f"layer{e['layer']}/{e['view']}": {f"after_{p}": e[f"after_{p}"] for p in (20, 50, 80)}
-                                    for e in layers}
-        row["num_probes"] = fluct[-1].get("num_probes")
-        row["probe_tokens"] = fluct[-1].get("num_tokens")
-    row["loss_curve"] = [(r["iteration"], r["lm_loss"]) for r in iters]
-    return row
-
-
-def _loads(out: Path) -> dict:
-    """Load averages recorded at the start and end of every run (a shared machine slows tokens/s)."""
-    return {d.name: json.loads((d / "run.json").read_text()).get("load_average")
-            for d in sorted(out.iterdir()) if (d / "run.json").exists()}
-
-
-def _quartiles(values):
-    if len(values) < 2:
-        return None
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return [q[0], q[2]]
-
-
-def _fmt(value, spec="{:.2f}") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{value:.1f}%"  # the trainer records percentages
-
-
-def results_table(rows: Sequence[dict]) -> str:
-    header = ["variant", "valid PPL", "test PPL", "tokens/s (median)", "fluct. >20%", ">50%", ">80%",
-              "wall (min)", "paper valid / test PPL (base size)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        fl = r["fluctuation"] or {}
-        paper = PAPER_PPL.get(r["variant"])
-        paper_s = "-" if paper is None else " / ".join("-" if x is None else f"{x:.2f}" for x in paper)
-        lines.append("| " + " | ".join([
-            f"{r['variant']} ({r['paper_name']})", _fmt(r["valid_ppl"]), _fmt(r["test_ppl"]),
-            _fmt(r["tokens_per_sec"], "{:,.0f}"), _pct(fl.get("after_20")), _pct(fl.get("after_50")),
-            _pct(fl.get("after_80")), _fmt(None if r["wall_s"] is None else r["wall_s"] / 60, "{:.1f}"), paper_s,
-        ]) + " |")
-    return "\n".join(lines)
-
-
-def plot_loss_curves(rows: Sequence[dict], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    reference = next((dict(r["loss_curve"]) for r in rows if r["variant"] == "dense" and r["loss_curve"]), None)
-    fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(12 if reference else 7, 4.5), squeeze=False)
-    ax = axes[0][0]
-    for r in rows:
-        if r["loss_curve"]:
-            xs, ys = zip(*r["loss_curve"])
-            ax.plot(xs, ys, label=r["variant"], linewidth=1.2)
-            if reference:
-                pts = [(x, y - reference[x]) for x, y in r["loss_curve"] if x in reference]
-                axes[0][1].plot(*zip(*pts), label=r["variant"], linewidth=1.2)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training LM loss (mean of the log interval)")
-    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("training loss (equal tokens, same order)")
-    if reference:
-        axes[0][1].set_xlabel("iteration")
-        axes[0][1].set_ylabel("loss - dense loss (same batches)")
-        axes[0][1].axhline(0.0, color="black", linewidth=0.6)
-        axes[0][1].grid(alpha=0.3)
-        axes[0][1].set_title("difference to the dense model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return read(path)
 
 
 def machine_info() -> dict:
@@ -296,39 +289,63 @@ def machine_info() -> dict:
     return info
 
 
-def write_results(rows: Sequence[dict], out: Path, args, total_wall: float) -> Dict[str, Path]:
-    written = {}
-    report_dir = out / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    moe_runs = [r for r in rows if r["fluctuation"] is not None]
-    if moe_runs:
-        try:
-            from stablemoe_megatron.analysis.report import write_report
-
-            written.update(write_report([probe_root(out / r["variant"]) for r in moe_runs], report_dir,
-                                        [r["variant"] for r in moe_runs]))
-        except ImportError as exc:  # matplotlib missing: the table is still written
-            print(f"{PROG}: routing report skipped ({exc})", file=sys.stderr)
-    curves = plot_loss_curves(rows, report_dir / "loss_curves.png")
-    if curves:
-        written["loss_curves"] = curves
+def settings_text(args) -> str:
     size = tiny_size()
     batch, seq = size["training"]["global_batch_size"], size["model"]["seq_length"]
-    settings = (f"{args.train_iters} iterations x {batch} x {seq} tokens "
-                f"({args.train_iters * batch * seq:,} training tokens), "
-                f"{args.nproc} process(es), evaluation on {args.eval_iters} x {batch} sequences, "
-                f"routing probe of {args.probe_tokens} validation tokens every {args.probe_interval} iterations")
-    md = [f"# Reproduction on the bundled corpus\n", settings + f"; total wall time {total_wall / 60:.1f} min.\n",
-          results_table(rows), "",
-          "Fluctuation: % of probe tokens whose routed expert (the highest-gate one for Expert Choice) at some "
-          "probe after x % of training differs from their expert at the final probe (docs/ALGORITHMS.md §5; mean over MoE "
-          "layers).", "", "Commands:", ""]
-    md += [f"- `{r['variant']}`: `{r['command']}`" for r in rows]
+    return (f"{args.train_iters} iterations x {batch} x {seq} tokens ({args.train_iters * batch * seq:,} training "
+            f"tokens per run), recipe `{args.recipe}`, data `{args.data_dir}`, {args.nproc} process(es), "
+            f"warm-up {args.warmup_percent:g} %, validation every {args.eval_interval or args.train_iters} "
+            f"iterations on {args.eval_iters} x {batch} sequences (the test split likewise at the end), routing "
+            f"probe of {args.probe_tokens} validation tokens every {args.probe_interval} iterations")
+
+
+def collect(out: Path, names: Sequence[str], seeds: Sequence[int], tokens_per_iteration: int):
+    """{variant: {seed: RunSummary}} of the finished runs, and {variant: {seed: run.json}}."""
+    from stablemoe_megatron.analysis.seeds import read_run
+
+    runs, metas = OrderedDict(), {}
+    for name in names:
+        for seed in seeds:
+            run_dir = out / name / f"seed{seed}"
+            if finished(run_dir):
+                runs.setdefault(name, {})[seed] = read_run(run_dir / "metrics.jsonl", tokens_per_iteration)
+                meta_path = run_dir / "run.json"
+                metas.setdefault(name, {})[seed] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return runs, metas
+
+
+def write_results(out: Path, args, names: Sequence[str], total_wall: float) -> Dict[str, Path]:
+    """results.md / results.json / report/*.png from every finished run of ``names`` x ``--seeds``."""
+    from stablemoe_megatron.analysis import seed_report
+
+    size = tiny_size()
+    tokens_per_iteration = size["training"]["global_batch_size"] * size["model"]["seq_length"]
+    runs, metas = collect(out, names, args.seeds, tokens_per_iteration)
+    main_names = [n for n in names if n in VARIANTS]
+    stage1_names = [n for n in ["stablemoe-stage1", *ABLATIONS] if n in names and n != "dense-previous"]
+    labels = {n: variant_definition(n)[0] for n in names}
+    switches = {n: next((int(_fill_stage2(f, args.train_iters)) for f in variant_definition(n)[1]
+                         if f.startswith("{stage2@")), None) for n in names}
+    main = seed_report.select(runs, main_names)
+    ablation_names = [n for n in names if n in ABLATIONS]
+    md = ["# Reproduction: every variant over seeds\n", settings_text(args) + f"; total wall time {total_wall / 60:.1f} min.\n",
+          "Mean ± sample standard deviation over the seeds; the paired columns are (variant − stablemoe) at "
+          "the same seed, mean ± std over seeds, and in brackets that mean in units of its std.\n",
+          seed_report.main_table(main, labels, switches, PAPER_PPL), ""]
+    if ablation_names or "stablemoe-stage1" in runs:
+        md += ["## Stage 1 alone, one recipe item changed at a time\n",
+               seed_report.stage1_table(seed_report.select(runs, stage1_names), labels, args.train_iters), "",
+               seed_report.main_table(seed_report.select(runs, ["stablemoe-stage1", "dense", *ablation_names]),
+                                      labels, switches, {}), ""]
+    md += ["Commands (seed of the first run; the others differ in `--seed` and paths):", ""]
+    md += [f"- `{name}`: `{next(iter(metas[name].values())).get('command', '?')}`" for name in runs]
+    written = seed_report.plot_all(main, seed_report.select(runs, stage1_names), out / "report")
     (out / "results.md").write_text("\n".join(md) + "\n")
     written["results.md"] = out / "results.md"
-    (out / "results.json").write_text(json.dumps({"settings": settings, "total_wall_s": total_wall,
-                                                   "machine": machine_info(), "load_average": _loads(out),
-                                                   "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({
+        "settings": settings_text(args), "total_wall_s": total_wall, "machine": machine_info(),
+        "runs": {name: {seed: dataclasses.asdict(run) for seed, run in seeds.items()} for name, seeds in runs.items()},
+        "meta": metas}, indent=1))
     written["results.json"] = out / "results.json"
     return written
 
@@ -337,17 +354,32 @@ def write_results(rows: Sequence[dict], out: Path, args, total_wall: float) -> D
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=str(REPO / "runs" / "reproduce"), help="output directory")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
-    p.add_argument("--train-iters", type=int, default=300, help="iterations per variant (300 x 32 x 128 tokens: 0.69 epoch of the corpus)")
+    p.add_argument("--variants", nargs="+", choices=[*VARIANTS, *ABLATIONS], default=DEFAULT_VARIANTS,
+                   help="variants to run, in this order for each seed (the stage-1 study: the s1-* and "
+                        "dense-previous ablations)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
+                   help="seeds (initialisation and data order); all variants run for the first seed, then the next")
+    p.add_argument("--recipe", choices=list(RECIPES), default="authors",
+                   help="authors: the authors' released recipe (docs/RECIPE.md); previous: this trainer's "
+                        "defaults before it (GELU, weight decay 0.01, normal inits, ...)")
+    p.add_argument("--train-iters", type=int, default=300, help="iterations per run (x 32 x 128 tokens)")
+    p.add_argument("--warmup-percent", type=float, default=100 / 30,
+                   help="learning-rate warm-up, %% of the iterations (the paper: 2K of 60K)")
     p.add_argument("--nproc", type=int, default=2, help="trainer processes (expert parallel min(4, nproc))")
-    p.add_argument("--eval-iters", type=int, default=12, help="validation/test batches of 32 x 128 (12: the whole valid set)")
+    p.add_argument("--eval-iters", type=int, default=16, help="validation/test batches of 32 x 128 per evaluation")
+    p.add_argument("--eval-interval", type=int, default=50, help="iterations between validations (0: at the end only)")
+    p.add_argument("--no-eval-moe-bypass", dest="eval_moe_bypass", action="store_false",
+                   help="do not also evaluate MoE runs with the MoE block skipped")
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--save-interval", type=int, default=100, help="checkpoint (resume point) interval")
     p.add_argument("--probe-interval", type=int, default=10, help="iterations between routing probes")
     p.add_argument("--probe-tokens", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--data-dir", default=str(REPO / "data" / "processed"), help="examples/prepare_corpus.sh output")
+    p.add_argument("--seed", type=int, default=1234, help=argparse.SUPPRESS)  # train_flags without a seed
+    p.add_argument("--data-dir", default=str(REPO / "data" / "large_processed"),
+                   help="examples/prepare_large_corpus.sh output (examples/prepare_corpus.sh: the small corpus)")
     p.add_argument("--fresh", action="store_true", help="delete --output first (default: reuse finished runs)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="also save a checkpoint at the end of every run")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the table and plots from finished runs")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints when it finished")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from finished runs")
     return p
 
 
@@ -356,33 +388,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.output)
     data = Path(args.data_dir)
     if not (data / "spm.model").exists():
-        print(f"{PROG}: error: {data}/spm.model not found: run examples/prepare_corpus.sh first", file=sys.stderr)
+        print(f"{PROG}: error: {data}/spm.model not found: run examples/prepare_large_corpus.sh (or "
+              f"examples/prepare_corpus.sh with --data-dir data/processed) first", file=sys.stderr)
         return 2
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = []
-    for name in args.variants:
-        run_dir = out / name
-        if args.report_only:
-            if not finished(run_dir):
-                print(f"{PROG}: {name}: no finished run in {run_dir}, skipped", file=sys.stderr)
-                continue
-            meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-        else:
-            try:
-                meta = run_variant(name, run_dir, args)
-            except RuntimeError as exc:
-                print(f"{PROG}: error: {exc}", file=sys.stderr)
-                return 1
-        rows.append(summarize(name, run_dir, meta))
-    total = sum(r["wall_s"] or 0 for r in rows) if args.report_only else time.perf_counter() - start
-    written = write_results(rows, out, args, total)
-    print(results_table(rows))
+    if not args.report_only:
+        for seed in args.seeds:
+            for name in args.variants:
+                try:
+                    run_variant(name, seed, out / name / f"seed{seed}", args)
+                except (RuntimeError, SettingsChanged) as exc:
+                    print(f"{PROG}: error: {exc}", file=sys.stderr)
+                    return 1
+                _write_quietly(out, args, start)
+    written = write_results(out, args, args.variants, time.perf_counter() - start)
+    print((out / "results.md").read_text())
     for key, path in written.items():
         print(f"{PROG}: {key}: {path}")
     return 0
+
+
+def _write_quietly(out: Path, args, start: float) -> None:
+    """Refresh the tables after every run (a long reproduction shows its progress)."""
+    try:
+        write_results(out, args, args.variants, time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop the training runs
+        print(f"{PROG}: warning: could not refresh the results ({exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

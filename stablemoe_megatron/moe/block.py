@@ -12,6 +12,7 @@ and lives on whichever pipeline stage holds that layer.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -41,7 +42,11 @@ class TransformerLayerWithMoEBlock(TransformerLayer):
         self.moe_block = build_module(submodules.moe_block, config=config, pg_collection=self.pg_collection)
         self.moe_block.set_layer_number(self.layer_number)
 
+    moe_bypassed = False  # set by :func:`bypass_moe_blocks` (evaluation diagnostics only)
+
     def _moe(self, hidden_states):
+        if self.moe_bypassed:
+            return hidden_states
         output, _ = self.moe_block(hidden_states)
         return hidden_states + output
 
@@ -54,3 +59,21 @@ class TransformerLayerWithMoEBlock(TransformerLayer):
             return super().forward(*args, **kwargs)
         output, context = super().forward(*args, **kwargs)
         return self._moe(output), context
+
+
+@contextmanager
+def bypass_moe_blocks(model_chunks):
+    """Within the block, every :class:`TransformerLayerWithMoEBlock` in ``model_chunks`` (modules)
+    returns its input unchanged (h_out = h): the backbone alone, with the trained weights.
+
+    A diagnostic for evaluation (``--eval-moe-bypass``): no router or expert runs, so no
+    expert-parallel communication happens either (every rank must bypass together).
+    """
+    layers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, TransformerLayerWithMoEBlock)]
+    for layer in layers:
+        layer.moe_bypassed = True
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.moe_bypassed = False

@@ -14,6 +14,7 @@ from typing import Optional
 
 from stablemoe_megatron.config import RunConfig
 from stablemoe_megatron.errors import TrainingStopped
+from stablemoe_megatron.moe.block import bypass_moe_blocks
 from stablemoe_megatron.training.build import build
 from stablemoe_megatron.training.reporting import Reporter, gather_moe_metrics
 from stablemoe_megatron.training.signals import LauncherWatch, StopSignals
@@ -40,8 +41,7 @@ def pretrain(config: RunConfig) -> dict:
         trainer.run_callbacks("on_train_end", reporter)
         for split, factory in (("validation", trainer.valid_iterator), ("test", trainer.test_iterator)):
             if factory is not None and config.training.eval_iters > 0:
-                loss = evaluate(trainer.step_context(), factory, config.training.eval_iters)
-                reporter.validation(split, trainer.state.iteration, loss)
+                loss = _evaluate_split(trainer, reporter, split, factory)
                 results[f"{split}_loss"] = loss
                 results[f"{split}_ppl"] = math.exp(min(loss, 50.0))
         return results
@@ -97,10 +97,22 @@ def _validate_and_save(trainer: Trainer, reporter: Reporter, signalled: bool) ->
     config, iteration = trainer.config, trainer.state.iteration
     if config.training.eval_interval and iteration % config.training.eval_interval == 0 \
             and trainer.valid_iterator is not None and iteration < config.training.train_iters:
-        reporter.validation("validation", iteration,
-                            evaluate(trainer.step_context(), trainer.valid_iterator, config.training.eval_iters))
+        _evaluate_split(trainer, reporter, "validation", trainer.valid_iterator)
     if _should_save(config, iteration, signalled):
         trainer.save(reporter)
+
+
+def _evaluate_split(trainer: Trainer, reporter: Reporter, split: str, iterator_factory) -> float:
+    """Evaluate and report one split; with ``--eval-moe-bypass`` the validation split is evaluated
+    again with every MoE block skipped (reported as ``validation_moe_bypassed``)."""
+    config, iteration = trainer.config, trainer.state.iteration
+    loss = evaluate(trainer.step_context(), iterator_factory, config.training.eval_iters)
+    reporter.validation(split, iteration, loss)
+    if config.logging.eval_moe_bypass and split == "validation":
+        with bypass_moe_blocks([trainer.model]):
+            bypassed = evaluate(trainer.step_context(), iterator_factory, config.training.eval_iters)
+        reporter.validation(f"{split}_moe_bypassed", iteration, bypassed)
+    return loss
 
 
 def _exit_reason(trainer: Trainer, signalled: bool) -> str:
