@@ -58,7 +58,7 @@ def build_parser(prog: str = "stablemoe-train", description: str = "",
         if scalar is bool:
             group.add_argument(*names, action="store_true", **kwargs)
             group.add_argument(f"--no-{names[0][2:]}", action="store_false", dest=kwargs["dest"],
-                               help=argparse.SUPPRESS)
+                               help=argparse.SUPPRESS if fld.default is False else f"turn {names[0]} off")
             continue
         if "choices" in fld.metadata:
             kwargs["choices"] = fld.metadata["choices"]

@@ -254,6 +254,13 @@ class RunConfig:
         micro, dp = self.training.micro_batch_size, self.data_parallel_size(world_size)
         if micro < 1:
             raise ConfigError("--micro-batch-size must be >= 1")
+        par = self.parallel
+        local_tokens = micro * self.model.seq_length // (par.tensor_model_parallel_size if par.sequence_parallel else 1)
+        if self.moe.enabled and self.moe.shuffles_tokens and local_tokens % dp:
+            raise ConfigError(f"--moe-token-shuffle (on by default) sends {local_tokens // dp} of each rank's "
+                              f"{local_tokens} tokens per micro-batch to each of the {dp} data-parallel ranks, "
+                              f"which needs --micro-batch-size x --seq-length (per sequence-parallel shard) "
+                              f"divisible by {dp}: change them, or add --no-moe-token-shuffle")
         if self.global_batch(world_size) % (micro * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch(world_size)} is not divisible by "
                               f"--micro-batch-size {micro} x data-parallel size {dp}")

@@ -82,6 +82,9 @@ def test_recipe_and_ablation_flags_resolve_as_documented(tmp_path):
     assert config("switch").moe.expert_capacity_factor is None and config("dense-ffn").moe.num_experts == 1
     old = parse_config(reproduce.train_flags("stablemoe", tmp_path / "x", _args(tmp_path, "--recipe", "previous")))
     assert (old.model.activation, old.moe.expert_output_init, old.moe.distill_loss_coeff) == ("gelu", "normal", 1.0)
+    assert (old.moe.shuffles_tokens, old.moe.balance_count_scope, old.moe.effective_capacity_factor) == (False, "micro-batch", 4.0)
+    previous_all = config("s1-previous-all")
+    assert (previous_all.moe.distill_teacher, previous_all.moe.expert_capacity_factor) == ("assignment", 4.0)
 
 
 class FakeTrainer:
@@ -162,3 +165,19 @@ def test_trainer_logs_the_moe_bypassed_validation(data, tmp_path):
                                           r"none \(dense, or --moe-layer-freq puts the experts in the MLPs\): "
                                           r"drop --eval-moe-bypass$"):
         parse_config(["--data-path", str(data["prefix"]), "--eval-moe-bypass"]).validate(1)
+
+
+def test_moe_input_statistics_against_numpy():
+    from stablemoe_megatron.moe.layer import input_statistics
+
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(5, 3, 8)) + rng.normal(size=8)  # a common offset shared by every token
+    weight = rng.normal(size=(4, 8))
+    stats = input_statistics(torch.tensor(hidden, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32))
+    rows = hidden.reshape(-1, 8)
+    assert stats["input_rms"].item() == pytest.approx(np.sqrt((rows ** 2).mean()), rel=1e-5)
+    shared = (rows.mean(0) ** 2).sum() / (rows ** 2).sum(1).mean()
+    assert stats["input_shared_fraction"].item() == pytest.approx(shared, rel=1e-5) and 0 < shared < 1
+    assert stats["centroid_norm"].item() == pytest.approx(np.linalg.norm(weight, axis=1).mean(), rel=1e-5)
+    same = input_statistics(torch.ones(4, 2, 8), None)
+    assert same["input_shared_fraction"].item() == pytest.approx(1.0) and "centroid_norm" not in same

@@ -60,7 +60,7 @@ class RunSummary:
 
 
 LAYER_FIELDS = ("mean_gate", "load_cv", "load_max_over_mean", "distill_agreement", "balance_loss",
-                "distill_loss", "dropped_fraction")
+                "distill_loss", "dropped_fraction", "input_rms", "input_shared_fraction", "centroid_norm")
 
 
 def read_run(metrics_file: Path, tokens_per_iteration: int) -> RunSummary:

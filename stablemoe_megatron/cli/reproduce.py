@@ -1,32 +1,46 @@
-"""Small-scale reproduction of the paper's comparisons on the bundled corpus (CPU: 2 cores, ~40-50 min).
+"""The paper's comparisons at CPU scale, over seeds (CPU: 2 cores, about 5 minutes per run).
 
-    python tools/reproduce.py [--output runs/reproduce] [--variants dense switch ...] [--nproc 2]
-    bash examples/reproduce_paper_cpu.sh      # prepares the corpus first, then this
+    python tools/reproduce.py [--output runs/reproduce] [--variants stablemoe hash ...] [--seeds 1 2 3]
+    bash examples/reproduce_paper_cpu.sh      # builds the large corpus and its datasets first, then this
 
-Trains every variant at equal compute (below) with the trainer (``torchrun -m
-stablemoe_megatron.train``), one after the other, then writes into ``--output``:
+Trains every variant (``--variants``) for every seed (``--seeds``: the initialisation and the data
+order), seed by seed, with the trainer (``torchrun -m stablemoe_megatron.train``), then writes into
+``--output``:
 
-* ``results.md`` / ``results.json``: valid and test perplexity, training tokens/s, routing
-  fluctuation (docs/ALGORITHMS.md §5: % of probe tokens whose routed expert still changes after 20 / 50 / 80 % of
-  training), wall time, and the exact command of every run;
-* ``report/``: the routing report of the MoE runs (``stablemoe-routing-report``: fluctuation
-  curves on one axes, expert load, distillation agreement) and ``loss_curves.png``;
-* one directory per variant with its ``train.log``, ``metrics.jsonl`` and ``routing_probe/``.
+* ``results.md`` / ``results.json``: per variant, valid and test perplexity as mean ± std over
+  the seeds and the paired difference to StableMoE (same seed) in seed standard deviations,
+  training tokens/s, routing fluctuation (docs/ALGORITHMS.md §5: % of probe tokens whose routed
+  expert still changes after 20 / 50 / 80 % of training), the held-out distillation agreement at
+  the stage switch; the stage-1 study table (valid PPL with the MoE block skipped, final mean gate,
+  load CV, tokens moved per probe, agreement); the exact command of every run;
+* ``report/``: ``validation.png`` (validation PPL against training tokens and training wall time,
+  seed bands), ``fluctuation.png`` (seed bands), ``stage1.png`` (gate, load, moved tokens,
+  agreement, MoE-skipped gap over training);
+* ``VARIANT/seedS/``: ``train.log``, ``metrics.jsonl``, ``run.json`` (flags, command, wall time)
+  and ``checkpoints/`` (resume points, removed when the run finished unless --keep-checkpoints;
+  the routing-probe history stays).
 
-Equal compute: every variant sees the same tokens in the same order (same seed, data, global
-batch and iterations), with the same shared backbone (``configs/tiny.yaml``, the recipes' ``SIZE=tiny``:
-4 layers, d 128, FFN 512, 4 heads, seq 128, global batch 32, Adam (0.9, 0.98), lr 1e-3 with linear
-decay, clip 0.1, dropout 0; here with 10 % warm-up and one evaluation at the end). All MoE variants add ONE
-MoE block after block L/2 of N=4 experts, each a stack of K=2 FFN sublayers, and are top-1
-(one expert stack per token: the same active FLOPs), except Expert Choice, run with capacity
-factor 1 (k = T/N tokens per expert: the same expert FLOPs per batch, on average one expert per
-token). ``dense`` is the paper's "Standard Transformer": the backbone without the MoE block, i.e.
-equal shared parameters but FEWER FLOPs; ``dense-ffn`` (optional, ``--variants ... dense-ffn``)
-is the equal-FLOPs dense control: the same block with ONE expert (every token through the same K
-FFN sublayers, gate 1).
+Equal compute: every variant sees the same tokens in the same order for a seed (same data,
+global batch and iterations), with the same shared backbone (``configs/tiny.yaml``, the recipes'
+``SIZE=tiny``: 4 layers, d 128, FFN 512, 4 heads, seq 128, global batch 32, Adam (0.9, 0.98), lr
+1e-3 with linear decay, clip 0.1, dropout 0; here with the paper's warm-up share, 2K of 60K
+steps, and validation every ``--eval-interval``). All MoE variants add ONE MoE block after block
+L/2 of N=4 experts, each a stack of K=2 FFN sublayers, and are top-1 (one expert stack per token:
+the same active FLOPs), except Expert Choice, run with capacity factor 1 (k = T/N tokens per
+expert: the same expert FLOPs per batch, on average one expert per token). ``dense`` is the
+paper's "Standard Transformer": the backbone without the MoE block, i.e. equal shared parameters
+but FEWER FLOPs; ``dense-ffn`` is the equal-FLOPs dense control: the same block with ONE expert
+(every token through the same K FFN sublayers).
 
-A variant whose directory already holds a finished run (a test-perplexity record) is reused, so an
-interrupted reproduction continues where it stopped; ``--fresh`` deletes the output first.
+``--recipe authors`` (default) adds the authors' released recipe as explicit flags (RECIPES:
+ReLU, no weight decay, zero-initialised expert outputs, orthogonal centroids, distillation
+coefficient 0.3 and the other distillation items, StableMoE capacity 2), so a run's command says
+everything it ran with; ``previous`` runs this trainer's earlier defaults. The ``s1-*`` and
+``dense-previous`` ablations (ABLATIONS) change one item at a time from StableMoE stage 1.
+
+Nothing is redone or lost: a finished run (a test-perplexity record) is reused; an interrupted run
+resumes from its last checkpoint (``--save-interval``); a run directory made with other flags
+stops the driver with a message (``--fresh`` deletes the output and starts over).
 """
 from __future__ import annotations
 
@@ -89,6 +103,12 @@ ABLATIONS: "OrderedDict[str, tuple]" = OrderedDict([
                      ["--activation", "gelu", "--weight-decay", "0.01", "--moe-expert-output-init", "normal",
                       "--moe-centroid-init", "normal", "--moe-distill-embedding-init", "normal",
                       "--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone"], "stablemoe-stage1")),
+    ("s1-previous-all", ("stage 1, every earlier default (also capacity, counting set, shuffle, teacher)",
+                         ["--activation", "gelu", "--weight-decay", "0.01", "--moe-expert-output-init", "normal",
+                          "--moe-centroid-init", "normal", "--moe-distill-embedding-init", "normal",
+                          "--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone",
+                          "--moe-distill-teacher", "assignment", "--moe-expert-capacity-factor", "{num_experts}",
+                          "--no-moe-token-shuffle", "--moe-balance-count-scope", "micro-batch"], "stablemoe-stage1")),
     ("dense-previous", ("dense, previous defaults (GELU, weight decay 0.01)",
                         ["--activation", "gelu", "--weight-decay", "0.01"], "dense")),
     ("s1-alpha0", ("stage 1, alpha = 0 (no balance loss)", ["--moe-balance-loss-coeff", "0"], "stablemoe-stage1")),
@@ -110,7 +130,13 @@ RECIPES = {
                 "distilled": ["--moe-distill-loss-coeff", "0.3", "--moe-eval-routing", "distilled",
                               "--moe-distill-embedding-init", "unit", "--moe-distill-teacher", "greedy"],
                 "stablemoe": ["--moe-expert-capacity-factor", "2"]},
-    "previous": {"all": [], "moe": [], "distilled": [], "stablemoe": []},
+    # this trainer's defaults before it followed the authors (capacity N: nothing dropped)
+    "previous": {"all": ["--activation", "gelu", "--weight-decay", "0.01"],
+                 "moe": ["--moe-expert-output-init", "normal", "--moe-centroid-init", "normal", "--no-moe-token-shuffle",
+                         "--moe-balance-count-scope", "micro-batch"],
+                 "distilled": ["--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone",
+                               "--moe-distill-embedding-init", "normal", "--moe-distill-teacher", "assignment"],
+                 "stablemoe": ["--moe-expert-capacity-factor", "{num_experts}"]},
 }
 DEFAULT_VARIANTS = ["stablemoe", "stablemoe-stage1", "dense", "dense-ffn", "hash", "switch", "base",
                     "stablemoe-25", "stablemoe-50", "expert-choice", "base-distill-freeze"]
@@ -173,7 +199,7 @@ def train_flags(name: str, run_dir: Path, args, seed: Optional[int] = None) -> L
         if args.eval_moe_bypass:
             flags += ["--eval-moe-bypass"]
     flags += [_fill_stage2(f, iters) for f in variant]
-    return [str(f) for f in flags]
+    return [str(moe_shape["num_experts"]) if f == "{num_experts}" else str(f) for f in flags]
 
 
 def _fill_stage2(flag: str, iters: int) -> str:

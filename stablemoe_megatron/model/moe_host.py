@@ -56,6 +56,13 @@ class MoEHost:
                 layer.metrics.reset()
         return out
 
+    def start_moe_step(self, iteration: int) -> None:
+        """Before training step ``iteration`` (the count of steps done): seeds what is random per
+        step (the ``--moe-token-shuffle`` permutations), so a resumed run repeats the uninterrupted one."""
+        for layer in self.moe_layers:
+            if layer.shuffle is not None:
+                layer.shuffle.start_step(iteration)
+
     def finalize_moe_step(self, dp_group=None) -> None:
         """Per-optimizer-step router bookkeeping (Expert Choice thresholds)."""
         for layer in self.moe_layers:

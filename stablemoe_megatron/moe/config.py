@@ -22,10 +22,11 @@ DISTILL_TEACHERS = ("assignment", "greedy")
 DISTILL_EMBEDDING_INITS = ("normal", "unit")
 EVAL_ROUTINGS = ("backbone", "distilled")
 # Fields checked by _validate_init_options; the distillation ones need a distilled router.
-RECIPE_OPTIONS = ("expert_output_init", "centroid_init")
+RECIPE_OPTIONS = ("expert_output_init", "centroid_init", "balance_count_scope")
 DISTILLATION_OPTIONS = ("distill_teacher", "distill_embedding_init", "eval_routing")
 EXPERT_OUTPUT_INITS = ("normal", "zero")
 CENTROID_INITS = ("normal", "orthogonal")
+BALANCE_COUNT_SCOPES = ("micro-batch", "data-parallel")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class MoEConfig:
         "help": "FFN inner size of each expert sublayer (default: --ffn-hidden-size)"})
     # --- losses ------------------------------------------------------------------------------
     balance_loss_coeff: float = field(default=0.3, metadata={"range": "[0, inf)", "help": "StableMoE balance loss alpha"})
-    distill_loss_coeff: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "distillation loss weight (stage 1)"})
+    distill_loss_coeff: float = field(default=0.3, metadata={"range": "[0, inf)", "help": "distillation loss weight (stage 1; the authors' --distill-factor 0.3; the paper's eq. 11 has none, i.e. 1)"})
     aux_loss_coeff: float = field(default=0.01, metadata={"range": "[0, inf)", "help": "Switch load-balancing loss weight"})
     z_loss_coeff: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "router z-loss weight (switch, expert-choice)"})
     # --- distil-and-freeze -------------------------------------------------------------------
@@ -61,26 +62,26 @@ class MoEConfig:
     stage2_start_iter: Optional[int] = field(default=None, metadata={"range": "[0, inf)",
         "help": "iteration at which the distilled router is frozen and routes (stage 2); absent = "
                 "never", "aliases": ("--two-stage-updates",)})
-    distill_teacher: str = field(default="assignment", metadata={
+    distill_teacher: str = field(default="greedy", metadata={
         "help": "stage-1 distillation target: the expert the router assigned (assignment) or the "
                 "greedy argmax of the backbone scores (greedy, the authors' code); they differ only "
                 "for --moe-router base; needs a distilled router", "choices": DISTILL_TEACHERS})
-    eval_routing: str = field(default="backbone", metadata={
+    eval_routing: str = field(default="distilled", metadata={
         "help": "routing outside training (validation, test, the routing probe) while in stage 1: "
                 "the backbone router's greedy choice (backbone) or the distilled token-id router "
                 "(distilled, the authors' code: whenever a distilled router exists and the model is "
                 "not training); stage 2 always routes with the distilled router; needs a distilled "
                 "router", "choices": EVAL_ROUTINGS})
-    distill_embedding_init: str = field(default="normal", metadata={
+    distill_embedding_init: str = field(default="unit", metadata={
         "help": "distilled router token embedding init: N(0, 0.02) (normal) or N(0, 1) (unit, the "
                 "authors' nn.Embedding; their zeroed padding row has no counterpart here: no pad "
                 "id); needs a distilled router", "choices": DISTILL_EMBEDDING_INITS})
     # --- initialisation ----------------------------------------------------------------------
-    expert_output_init: str = field(default="normal", metadata={
+    expert_output_init: str = field(default="zero", metadata={
         "help": "expert FFN output projection (fc2) init: N(0, --init-method-std/sqrt(2L)) (normal) "
                 "or zero (the authors': every MoE layer starts as the identity)",
         "choices": EXPERT_OUTPUT_INITS})
-    centroid_init: str = field(default="normal", metadata={
+    centroid_init: str = field(default="orthogonal", metadata={
         "help": "router weight [N, d] (centroids, or the switch / expert-choice projection) and "
                 "distilled centroids init: N(0, --init-method-std) and N(0, 0.02) (normal), or "
                 "orthogonal rows of norm --moe-centroid-init-gain (orthogonal, the authors')",
@@ -89,8 +90,26 @@ class MoEConfig:
         "help": "gain of --moe-centroid-init orthogonal (the authors': 0.1)"})
     # --- capacity ----------------------------------------------------------------------------
     expert_capacity_factor: Optional[float] = field(default=None, metadata={"range": "(0, inf)",
-        "help": "token-choice routers: drop tokens beyond ceil(T*c/N) per expert (dropped tokens "
-                "keep their residual only); expert-choice: c in k=T*c/N (default 2.0)"})
+        "help": "token-choice routers in training: drop tokens beyond ceil(T*c/N) per expert "
+                "(dropped tokens keep their residual only; c = N keeps every token); expert-choice: "
+                "c in k=T*c/N; absent: the router's default (stablemoe 2, the authors' command; "
+                "expert-choice 2; switch, base, hash: no capacity)"})
+    # --- authors' data-parallel options ---
+    token_shuffle: Optional[bool] = field(default=None, metadata={
+        "help": "in training, before routing, send every token to a random data-parallel rank (a "
+                "seeded random permutation of the rank's tokens and an even all-to-all over the "
+                "data-parallel group; undone after the experts), as the authors' code does; it "
+                "changes BASE's balanced assignment and which tokens overflow the capacity, not a "
+                "greedy router's choices; with one data-parallel rank a local permutation. On by "
+                "default, except with the context-dependent distilled routers (cnn, transformer), "
+                "which it cannot serve; --no-moe-token-shuffle turns it off"})
+    balance_count_scope: str = field(default="data-parallel", metadata={
+        "help": "token-choice routers in training: the set over which tokens per expert |A_i| and "
+                "the token count T of the balance loss (the Switch aux loss), and the expert "
+                "capacity, are counted: one data-parallel rank's micro-batch (micro-batch) or the "
+                "micro-batches of all data-parallel ranks in this forward (data-parallel, the "
+                "authors' code; each rank's loss keeps its own tokens' gates and the ranks' mean "
+                "is the loss over all their tokens)", "choices": BALANCE_COUNT_SCOPES})
     # --- router-specific ---------------------------------------------------------------------
     hash_table: str = field(default="random", metadata={
         "help": "hash router table: random (seeded, balanced over ids) or frequency (balanced "
@@ -105,6 +124,28 @@ class MoEConfig:
     def routes_distilled_in_evaluation(self) -> bool:
         """Evaluation routes with the distilled router even in stage 1 (``--moe-eval-routing distilled``)."""
         return self.eval_routing == "distilled" and self.effective_distill_router is not None
+
+    @property
+    def shuffles_tokens(self) -> bool:
+        """--moe-token-shuffle / --no-moe-token-shuffle, or the default: on unless the distilled
+        router reads whole sequences (cnn, transformer)."""
+        if self.token_shuffle is not None:
+            return self.token_shuffle
+        distill = self.effective_distill_router
+        return distill is None or self._context_free_distillation(distill)
+
+    @staticmethod
+    def _context_free_distillation(distill: str) -> bool:
+        from stablemoe_megatron.routing.distilled import context_free
+
+        return context_free(distill)
+
+    @property
+    def effective_capacity_factor(self) -> Optional[float]:
+        """--moe-expert-capacity-factor, or the router's default (None: no capacity)."""
+        if self.expert_capacity_factor is not None:
+            return self.expert_capacity_factor
+        return get_routing(self.router).default_capacity_factor if self.router in ROUTERS else None
 
     @property
     def enabled(self) -> bool:
@@ -158,6 +199,10 @@ class MoEConfig:
         if self.expert_capacity_factor is not None and self.expert_capacity_factor <= 0:
             raise ConfigError("--moe-expert-capacity-factor must be > 0")
         self._validate_init_options(distill)
+        if self.token_shuffle and distill is not None:
+            if not self._context_free_distillation(distill):
+                raise ConfigError(f"--moe-token-shuffle cannot be used with --moe-distill-router {distill}: it "
+                                  f"routes by whole sequences, which the shuffle splits; use wordemb, or drop one")
         if not 1 <= self.distill_layers <= 3:
             raise ConfigError("--moe-distill-layers must be 1, 2 or 3")
         if self.distill_dim < 1:

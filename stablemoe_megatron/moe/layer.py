@@ -26,9 +26,29 @@ from stablemoe_megatron.moe.config import MoEConfig
 from stablemoe_megatron.moe.dispatcher import AllToAllDispatcher
 from stablemoe_megatron.moe.experts import ExpertStack
 from stablemoe_megatron.moe.routers import RouterInputs, RoutingDecision
+from stablemoe_megatron.moe.shuffle import TokenShuffle
 
 SCALAR_METRICS = ("balance_loss", "aux_loss", "z_loss", "distill_loss", "distill_agreement",
                   "dropped_fraction", "mean_gate")
+
+
+@torch.no_grad()
+def input_statistics(hidden: torch.Tensor, router_weight: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Scalars about what the router sees (logged per layer; no device sync).
+
+    hidden: [S, B, d] (or [T, d]) the layer's input; router_weight: [N, d] centroids / projection, or None.
+    ``input_rms``: sqrt(mean h^2); ``input_shared_fraction``: |mean_t h_t|^2 / mean_t |h_t|^2, the
+    share of the hidden states' energy in the one vector all tokens share (0: no common offset,
+    1: every token the same); ``centroid_norm``: mean row norm of the router weight. Together they
+    show how routing scores s = h . E move: by the centroids, or by a common offset of every token.
+    """
+    rows = hidden.detach().float().reshape(-1, hidden.shape[-1])
+    energy = rows.pow(2).sum(dim=1).mean()
+    out = {"input_rms": (energy / rows.shape[1]).sqrt(),
+           "input_shared_fraction": rows.mean(dim=0).pow(2).sum() / energy.clamp_min(1e-30)}
+    if router_weight is not None:
+        out["centroid_norm"] = router_weight.detach().float().norm(dim=1).mean()
+    return out
 
 
 class MoELayerMetrics:
@@ -62,18 +82,29 @@ class MoELayerMetrics:
         return out
 
 
+def _default_pg_collection():
+    """megatron's default MoE process groups, plus the data-parallel group (``dp_cp``)."""
+    from megatron.core import parallel_state
+
+    pg_collection = get_default_pg_collection()
+    pg_collection.dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return pg_collection
+
+
 class StableMoELayer(BaseMoELayer):
     """Route, dispatch, run expert stacks, combine. Returns the MoE output (no residual).
 
     Args (beyond megatron's): moe (MoEConfig), vocab_size (for token-id routers),
     num_sublayers (K), pre_norm (paper-layout sublayers with per-expert LayerNorm + residual),
     host_ep_group (gloo group over the EP ranks for host-side count exchange; optional).
+    ``pg_collection.dp_cp`` (the data-parallel group: ranks holding different tokens here) serves
+    ``--moe-token-shuffle`` and ``--moe-balance-count-scope data-parallel``.
     """
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
                  pg_collection=None, *, moe: MoEConfig, vocab_size: int, num_sublayers: int = 1,
                  pre_norm: bool = False, host_ep_group=None):
-        pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
+        pg_collection = pg_collection if pg_collection is not None else _default_pg_collection()
         super().__init__(config=config, layer_number=layer_number, pg_collection=pg_collection)
         self.moe = moe
         self.router = submodules.router(config=config, pg_collection=pg_collection)
@@ -86,6 +117,18 @@ class StableMoELayer(BaseMoELayer):
         self._host_token_ids: Optional[torch.Tensor] = None
         self.last_decision: Optional[RoutingDecision] = None
         self.keep_last_decision = False
+        self.shuffle = self._token_shuffle(pg_collection) if moe.shuffles_tokens else None
+
+    def _token_shuffle(self, pg_collection) -> TokenShuffle:
+        """The ``--moe-token-shuffle`` exchange over the data-parallel group (checks its inputs)."""
+        distilled = getattr(self.router, "distilled", None)
+        if distilled is not None and not distilled.context_free:
+            raise ValueError("--moe-token-shuffle needs a context-free distilled router (wordemb): a shuffled "
+                             f"token is routed without its sequence, which {type(distilled).__name__} reads")
+        group = getattr(pg_collection, "dp_cp", None)
+        if group is None:
+            raise ValueError("--moe-token-shuffle needs the data-parallel group: pass a pg_collection with dp_cp")
+        return TokenShuffle(group, torch.initial_seed(), self.layer_number or 0, self.tp_rank)
 
     def set_token_ids(self, token_ids: torch.Tensor, host_token_ids: Optional[torch.Tensor] = None) -> None:
         """Token ids [B, S] of the next forward (device), and optionally their CPU copy."""
@@ -108,16 +151,27 @@ class StableMoELayer(BaseMoELayer):
                             self._token_ids, positions, host_ids)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None):
-        """hidden_states [S_local, B, h] -> (MoE output [S_local, B, h], None)."""
+        """hidden_states [S_local, B, h] -> (MoE output [S_local, B, h], None).
+
+        With ``--moe-token-shuffle``, in training, routing and the experts run on the rows this
+        rank receives from the shuffle (:mod:`.shuffle`), whose outputs are sent back after.
+        """
         inputs = self.router_inputs(hidden_states)
+        shuffled = None
+        if self.shuffle is not None and self.training:
+            rows, ids, shuffled = self.shuffle.shuffle(inputs.hidden, inputs.token_ids)
+            inputs = RouterInputs(rows, ids, None, inputs.local_positions, None)
         decision = self.router(inputs)
         expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index, decision.expert_index,
                                                        decision.host_tokens_per_expert, decision.one_pair_per_token)
         expert_output = self.experts(expert_input, state.tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output, state, decision.gates)
+        if shuffled is not None:
+            output = self.shuffle.unshuffle(output, shuffled)
         if self.training and decision.aux_loss.requires_grad:
             output = MoEAuxLossAutoScaler.apply(output, decision.aux_loss)
         if self.training:  # evaluation and probes must not mix into the training statistics
+            decision.metrics.update(input_statistics(hidden_states, getattr(self.router, "weight", None)))
             self.metrics.add(decision)
         if self.keep_last_decision:
             self.last_decision = decision
@@ -131,6 +185,8 @@ class StableMoELayer(BaseMoELayer):
         torch seed, identical on every rank.
         """
         super().set_layer_number(layer_number)
+        if self.shuffle is not None:
+            self.shuffle.seed, self.shuffle.layer_number = torch.initial_seed(), layer_number
         self.experts.initialize(torch.initial_seed(), layer_number, self.moe.expert_output_init)
 
     @property

@@ -12,10 +12,16 @@ One generic module runs every learned top-1 algorithm (:class:`TokenChoiceRouter
 of their own: :class:`HashRouter` (the token-id table) and :class:`ExpertChoiceRouter` (the
 evaluation thresholds). The algorithm's ``adapter`` names which (:func:`router_class`).
 
-Counting set: |A_i|, n_bar = T/N and the T that normalises the per-token losses are counted over
-the micro-batch of one data-parallel rank: all tokens of that micro-batch, summed over its TP/SP
-shards, but not over other data-parallel or expert-parallel ranks (each computes its own). That is
-the paper's per-GPU batch, and it needs no communication beyond the TP group.
+Counting set (``--moe-balance-count-scope``): |A_i|, n_bar = T/N and the T that normalises the
+per-token losses are counted over the micro-batch of one data-parallel rank by default
+(``micro-batch``): all tokens of that micro-batch, summed over its TP/SP shards, but not over other
+data-parallel or expert-parallel ranks (each computes its own); no communication beyond the TP
+group. ``data-parallel`` (the authors' code, training only) counts over the micro-batches of every
+data-parallel rank of this forward: one all-reduce of the [N] counts and T over the data-parallel
+group (``pg_collection.dp_cp``), divided by its size W, so that n_i / n_bar is the global ratio and a
+loss divided by this T is W times the rank's share of the global per-token loss: the ranks' mean
+(megatron averages gradients over DP) is the loss over all their tokens. The expert capacity is
+then counted over all their tokens too (the routing decisions are all-gathered, not the tokens).
 
 Distil-and-freeze composes with the distillable top-1 routers (stablemoe, switch, base): in stage 1
 the distilled router learns to predict the router's top-1 choice (cross-entropy against the
@@ -64,13 +70,14 @@ class RouterInputs:
     """What a router sees for one call (shapes for T local tokens, sequence-major as the hidden).
 
     hidden: [T, d]; token_ids: [T] device; host_token_ids: [T] CPU or None;
-    full_token_ids: [B, S] device (the whole sequences, for context-dependent distilled routers);
+    full_token_ids: [B, S] device (the whole sequences, for context-dependent distilled routers),
+        None after ``--moe-token-shuffle`` (the rows are no longer this rank's sequences);
     local_positions: slice of the sequence dimension held by this rank (sequence parallelism).
     """
 
     hidden: torch.Tensor
     token_ids: torch.Tensor
-    full_token_ids: torch.Tensor
+    full_token_ids: Optional[torch.Tensor]
     local_positions: slice
     host_token_ids: Optional[torch.Tensor] = None
 
@@ -90,6 +97,10 @@ class RouterBase(MegatronModule):
         self.vocab_size = vocab_size
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        self.dp_group = getattr(pg_collection, "dp_cp", None)
+        if moe.balance_count_scope == "data-parallel" and self.dp_group is None:
+            raise ValueError("--moe-balance-count-scope data-parallel needs the data-parallel group: "
+                             "pass a pg_collection with dp_cp")
         self.layer_number = None
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -109,13 +120,29 @@ class RouterBase(MegatronModule):
         """T of the counting set: the DP rank's micro-batch, all of its SP shards."""
         return num_local_tokens * (self.tp_size if self._sequence_split() else 1)
 
+    def _over_data_parallel(self) -> bool:
+        """Count over every DP rank: ``--moe-balance-count-scope data-parallel``, training, DP > 1."""
+        return (self.training and self.moe.balance_count_scope == "data-parallel"
+                and self.dp_group is not None and self.dp_group.size() > 1)
+
     def count(self, expert_ids: torch.Tensor):
-        """(tokens_per_expert [N], T) over the DP rank's micro-batch (summed over TP under SP)."""
+        """(tokens_per_expert [N], T) of expert_ids [T_local] over the counting set.
+
+        ``micro-batch``: the DP rank's micro-batch (summed over TP under SP), counts long, T int.
+        ``data-parallel``: summed over the DP ranks too and divided by their number W (float64
+        tensors): the mean micro-batch's counts, the global ratios n_i / n_bar (module docstring).
+        """
         counts = routing.tokens_per_expert(expert_ids, self.num_experts)
         if self._sequence_split():
             counts = counts.clone()
             torch.distributed.all_reduce(counts, group=self.tp_group)
-        return counts, self._counting_size(expert_ids.shape[0])
+        num_tokens = self._counting_size(expert_ids.shape[0])
+        if not self._over_data_parallel():
+            return counts, num_tokens
+        totals = torch.cat([counts, counts.new_full((1,), num_tokens)])
+        torch.distributed.all_reduce(totals, group=self.dp_group)
+        totals = totals.double() / self.dp_group.size()
+        return totals[:-1], totals[-1]
 
     def _gather_over_sequence(self, tensor: torch.Tensor) -> torch.Tensor:
         """All TP shards of a [T_local, ...] tensor, in sequence order (no autograd)."""
@@ -128,6 +155,24 @@ class RouterBase(MegatronModule):
     def _local_rows(self, num_local: int) -> slice:
         rank = self.tp_group.rank() if self._sequence_split() else 0
         return slice(rank * num_local, (rank + 1) * num_local)
+
+    def _gather_counting_set(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The counting set's rows of a [T_local, ...] tensor (no autograd): the micro-batch (all SP
+        shards) and, counting over every DP rank, all their micro-batches in DP rank order (equal
+        micro-batches). :meth:`_counting_set_rows` are this rank's rows of it."""
+        full = self._gather_over_sequence(tensor)
+        if not self._over_data_parallel():
+            return full
+        parts = [torch.empty_like(full) for _ in range(self.dp_group.size())]
+        torch.distributed.all_gather(parts, full.contiguous(), group=self.dp_group)
+        return torch.cat(parts)
+
+    def _counting_set_rows(self, num_local: int) -> slice:
+        rows = self._local_rows(num_local)
+        if not self._over_data_parallel():
+            return rows
+        offset = self.dp_group.rank() * self._counting_size(num_local)
+        return slice(offset + rows.start, offset + rows.stop)
 
     def over_micro_batch(self, fn, local: torch.Tensor):
         """``fn`` of the whole micro-batch's rows of ``local`` [T_local, ...] (gathered over the SP
@@ -271,7 +316,7 @@ class TokenChoiceRouter(RouterBase):
                 aux_loss = aux_loss + self._distill(inputs, teacher, metrics)
         token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
         one_pair_per_token = self.algorithm.one_pair_per_token
-        if self.moe.expert_capacity_factor is not None and self.training:
+        if self.moe.effective_capacity_factor is not None and self.training:
             keep = self._capacity_keep(expert_ids, gates)
             token_index, expert_ids, gates = token_index[keep], expert_ids[keep], gates[keep]
             host_counts, one_pair_per_token = None, False
@@ -302,15 +347,16 @@ class TokenChoiceRouter(RouterBase):
         return weighted if self.training else weighted.detach()
 
     def _capacity_keep(self, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Keep mask [T_local]; capacity and ranking over the DP rank's whole micro-batch (all SP shards)."""
+        """Keep mask [T_local]; capacity and ranking over the counting set: the DP rank's whole
+        micro-batch (all SP shards), or every DP rank's (``--moe-balance-count-scope data-parallel``)."""
         from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
 
-        full_ids = self._gather_over_sequence(expert_ids)
-        full_gates = self._gather_over_sequence(gates.detach())
+        full_ids = self._gather_counting_set(expert_ids)
+        full_gates = self._gather_counting_set(gates.detach())
         capacity = expert_capacity_per_expert(full_ids.shape[0], self.num_experts,
-                                              self.moe.expert_capacity_factor)
+                                              self.moe.effective_capacity_factor)
         keep = capacity_keep_mask(full_ids, full_gates, self.num_experts, capacity)
-        return keep[self._local_rows(expert_ids.shape[0])]
+        return keep[self._counting_set_rows(expert_ids.shape[0])]
 
 
 class HashRouter(RouterBase):
@@ -364,7 +410,7 @@ class ExpertChoiceRouter(RouterBase):
     def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
         super().__init__(config, moe, vocab_size, pg_collection)
         self.weight = self._new_weight(self.num_experts, config.hidden_size)
-        self.capacity_factor = moe.expert_capacity_factor or 2.0
+        self.capacity_factor = moe.effective_capacity_factor
         self.register_buffer("thresholds", torch.zeros(self.num_experts))
         self.register_buffer("thresholds_initialized", torch.zeros((), dtype=torch.bool))
         self._kth_sum = None

@@ -196,3 +196,12 @@ def build_distilled_router(kind: str, vocab_size: int, num_experts: int, dim: in
             f"unknown --moe-distill-router {kind!r}; choices: {', '.join(DISTILLED_ROUTER_KINDS)}"
         ) from None
     return router_class(vocab_size, num_experts, dim, **options)
+
+
+def context_free(kind: str) -> bool:
+    """Whether the distilled router ``kind`` scores a token from its id alone (``wordemb``), so
+    that it can route tokens separated from their sequence (``--moe-token-shuffle``).
+    Unknown kind -> ``ValueError``."""
+    if kind not in _ROUTER_CLASSES:
+        raise ValueError(f"unknown --moe-distill-router {kind!r}; choices: {', '.join(DISTILLED_ROUTER_KINDS)}")
+    return _ROUTER_CLASSES[kind].context_free

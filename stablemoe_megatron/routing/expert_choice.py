@@ -110,6 +110,7 @@ ALGORITHM = register_routing(RoutingAlgorithm(
     one_pair_per_token=False,
     uses_token_ids=False,
     losses=("z_loss",),
+    default_capacity_factor=2.0,
     state_buffers=(StateBuffer("thresholds", "experts", "float"),
                    StateBuffer("thresholds_initialized", "scalar", "bool")),
     scores=router_logits,

@@ -74,6 +74,8 @@ class RoutingAlgorithm:
         table_from_training_data: its token-id table can be built from the training data's token
             counts (``--moe-hash-table frequency``).
         state_buffers: the untrained tensors its evaluation routing reads (:class:`StateBuffer`).
+        default_capacity_factor: the expert capacity factor used when ``--moe-expert-capacity-factor``
+            is not given (StableMoE: 2, the authors' command; Expert Choice: 2), or None (no capacity).
 
     Functions (shapes for T tokens, N experts, hidden size d):
         scores: ``(hidden [T, d], weight [N, d]) -> [T, N]`` backbone scores (learned routers).
@@ -103,6 +105,7 @@ class RoutingAlgorithm:
     losses: Tuple[str, ...] = ()
     table_from_training_data: bool = False
     state_buffers: Tuple[StateBuffer, ...] = ()
+    default_capacity_factor: Optional[float] = None
     scores: Optional[Callable] = field(default=None, compare=False, repr=False)
     train_routing: Optional[Callable] = field(default=None, compare=False, repr=False)
     eval_routing: Optional[Callable] = field(default=None, compare=False, repr=False)
@@ -130,7 +133,9 @@ class RoutingContext(Protocol):
 
     def count(self, expert_ids) -> Tuple[Any, Any]:
         """(tokens per expert [N], token count) over the counting set (the data-parallel rank's
-        micro-batch, summed over its sequence-parallel shards)."""
+        micro-batch, summed over its sequence-parallel shards; with ``--moe-balance-count-scope
+        data-parallel`` the mean over the data-parallel ranks of their micro-batches' counts, so a
+        loss divided by this count is the rank's share, scaled by the number of ranks)."""
 
     def over_micro_batch(self, fn: Callable, local):
         """``fn`` applied to the whole micro-batch's rows of ``local`` [T_local, ...] (gathered over

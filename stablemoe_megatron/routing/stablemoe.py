@@ -142,6 +142,7 @@ ALGORITHM = register_routing(RoutingAlgorithm(
     uses_token_ids=False,
     distillable=True,
     default_distill_router="wordemb",
+    default_capacity_factor=2.0,
     losses=("balance_loss",),
     scores=centroid_scores,
     train_routing=stablemoe_routing,

@@ -65,6 +65,7 @@ def train_loop(trainer: Trainer, reporter: Reporter) -> dict:
     while state.iteration < config.training.train_iters:
         if trainer.stage.due(state.iteration):
             trainer.enter_stage_two(reporter)
+        trainer.model.start_moe_step(state.iteration)
         loss, grad_norm, nonfinite, signalled = train_step(trainer.step_context(), train_iterator,
                                                            trainer.stop_requested)
         if nonfinite:
