@@ -77,11 +77,31 @@ def _mean_after(curve, start: int) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _peak(curve) -> Optional[float]:
+    return max(y for _, y in curve) if curve else None
+
+
+def _start_peak(rows: Sequence[RunSummary], name: str) -> str:
+    start = Spread.of([r.layer_curves[name][0][1] if r.layer_curves.get(name) else None for r in rows])
+    peak = Spread.of([_peak(r.layer_curves.get(name)) for r in rows])
+    return "-" if peak.mean is None else f"{start.format('{:.2f}')} → {peak.format('{:.2f}')}"
+
+
+def _minimum(rows: Sequence[RunSummary], name: str) -> str:
+    """The lowest logged value and its iteration (first seed's iteration)."""
+    curves = [r.layer_curves.get(name) for r in rows if r.layer_curves.get(name)]
+    if not curves:
+        return "-"
+    lows = [min(c, key=lambda p: p[1]) for c in curves]
+    return f"{Spread.of([low[1] for low in lows]).format('{:.3f}')} ({lows[0][0]})"
+
+
 def stage1_table(runs: Runs, labels: Dict[str, str], train_iters: int) -> str:
     """The stage-1 study: the model with its MoE block skipped, gates, load, routing changes."""
     header = ["variant", "seeds", "valid PPL", "valid PPL, MoE block skipped", "skipped − with",
               "mean gate (end)", "load CV (end)", "tokens moved per probe, 2nd half (%)",
-              "distil. agreement (end, %)"]
+              "distil. agreement (end, %)", "MoE input RMS (start → peak)", "shared-component share (peak)",
+              "min mean gate (iteration)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for variant, seeds in runs.items():
         rows = list(seeds.values())
@@ -96,7 +116,9 @@ def stage1_table(runs: Runs, labels: Dict[str, str], train_iters: int) -> str:
             Spread.of([r.valid_ppl_moe_bypassed for r in rows]).format(), gap.format("{:+.2f}"),
             Spread.of([_last(r.layer_curves.get("mean_gate")) for r in rows]).format("{:.3f}"),
             Spread.of([_last(r.layer_curves.get("load_cv")) for r in rows]).format("{:.3f}"),
-            moved.format("{:.2f}"), agree.format("{:.1f}"),
+            moved.format("{:.2f}"), agree.format("{:.1f}"), _start_peak(rows, "input_rms"),
+            Spread.of([_peak(r.layer_curves.get("input_shared_fraction")) for r in rows]).format("{:.2f}"),
+            _minimum(rows, "mean_gate"),
         ]) + " |")
     return "\n".join(lines)
 

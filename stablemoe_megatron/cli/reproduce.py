@@ -112,6 +112,8 @@ ABLATIONS: "OrderedDict[str, tuple]" = OrderedDict([
     ("dense-previous", ("dense, previous defaults (GELU, weight decay 0.01)",
                         ["--activation", "gelu", "--weight-decay", "0.01"], "dense")),
     ("s1-alpha0", ("stage 1, alpha = 0 (no balance loss)", ["--moe-balance-loss-coeff", "0"], "stablemoe-stage1")),
+    ("s1-alpha0.01", ("stage 1, alpha = 0.01", ["--moe-balance-loss-coeff", "0.01"], "stablemoe-stage1")),
+    ("s1-alpha0.1", ("stage 1, alpha = 0.1", ["--moe-balance-loss-coeff", "0.1"], "stablemoe-stage1")),
     ("s1-alpha1", ("stage 1, alpha = 1.0", ["--moe-balance-loss-coeff", "1.0"], "stablemoe-stage1")),
     ("s1-expert-init-normal", ("stage 1, expert fc2 N(0, 0.02/sqrt(2L))", ["--moe-expert-output-init", "normal"],
                                "stablemoe-stage1")),
