@@ -92,6 +92,8 @@ VARIANTS: "OrderedDict[str, tuple]" = OrderedDict([
     ("stablemoe-25", ("StableMoE (stage 2 from 25 %)", [*_STABLEMOE, "--moe-stage2-start-iter", "{stage2@25}"])),
     ("stablemoe-50", ("StableMoE (stage 2 from 50 %)", [*_STABLEMOE, "--moe-stage2-start-iter", "{stage2@50}"])),
     ("stablemoe-stage1", ("StableMoE stage 1 only", list(_STABLEMOE))),
+    ("stablemoe-alpha0.01", ("StableMoE, alpha 0.01 (stage 2 from 10 %)",
+                             [*_STABLEMOE, "--moe-balance-loss-coeff", "0.01", "--moe-stage2-start-iter", "{stage2@10}"])),
     ("base-distill-freeze", ("BASE + distil-and-freeze (10 %)", ["--moe-router", "base", "--moe-distill-router", "wordemb",
                                                                   "--moe-distill-dim", "50", "--moe-stage2-start-iter",
                                                                   "{stage2@10}"])),
@@ -140,8 +142,8 @@ RECIPES = {
                                "--moe-distill-embedding-init", "normal", "--moe-distill-teacher", "assignment"],
                  "stablemoe": ["--moe-expert-capacity-factor", "{num_experts}"]},
 }
-DEFAULT_VARIANTS = ["stablemoe", "stablemoe-stage1", "dense", "dense-ffn", "hash", "switch", "base",
-                    "stablemoe-25", "stablemoe-50", "expert-choice", "base-distill-freeze"]
+DEFAULT_VARIANTS = ["stablemoe", "stablemoe-alpha0.01", "dense", "dense-ffn", "hash", "switch", "base",
+                    "stablemoe-stage1", "stablemoe-25", "stablemoe-50", "expert-choice", "base-distill-freeze"]
 # paper Table 2 / Table 5 / Table 6 (base size, valid / test PPL), for the table's last column
 PAPER_PPL = {"dense": (23.02, 22.58), "switch": (19.79, 19.20), "base": (20.04, 19.69), "hash": (19.63, 19.25),
              "stablemoe": (19.28, 18.93), "stablemoe-stage1": (19.48, None), "base-distill-freeze": (19.41, None)}
