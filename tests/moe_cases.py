@@ -43,6 +43,29 @@ def forward_backward(model, seed):
     return losses.detach()
 
 
+def forward_backward_together(model, num_batches):
+    """The batches 0 .. num_batches-1 of as many data-parallel ranks as ONE micro-batch, with the
+    gradient those ranks' reductions sum to (:func:`reduce_grads_like_megatron`, no averaging):
+    the sum of the per-batch mean LM losses, and the auxiliary losses scaled by the number of
+    ranks (with ``--moe-balance-count-scope data-parallel``, the default, each rank's balance loss
+    is that number times its share of the loss over every rank's tokens). The reference for
+    routing that counts over the data-parallel ranks (and is indifferent to the token shuffle).
+
+    Returns the per-token losses [BATCH, SEQ] of each batch.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    pairs = [batch(seed) for seed in range(num_batches)]
+    tokens, labels = torch.cat([t for t, _ in pairs]), torch.cat([lab for _, lab in pairs])
+    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(float(num_batches))
+    try:
+        losses = model(tokens, positions(tokens.shape[0]), None, labels=labels)
+        (losses.mean() * num_batches).backward()
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None  # the default, 1.0
+    return list(losses.detach().split(BATCH))
+
+
 def reduce_grads_like_megatron(model):
     """Sum grads the way megatron's DDP + finalize_model_grads combine them (without averaging).
 

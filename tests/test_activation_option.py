@@ -47,7 +47,8 @@ def _ffn_differences(activation):
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                             activation=activation)
-    moe = MoEConfig(num_experts=4, router="stablemoe", sublayers_per_expert=2)
+    # a zero fc2 (the default) outputs 0 under either activation: the check needs a non-zero expert
+    moe = MoEConfig(num_experts=4, router="stablemoe", sublayers_per_expert=2, expert_output_init="normal")
     model = build_model(model_cfg, moe, 128, transformer_config(model_cfg, moe))
     other = "gelu" if activation == "relu" else "relu"
     gen = torch.Generator().manual_seed(3)

@@ -44,18 +44,21 @@ def test_export_of_a_stage_1_checkpoint_routes_like_its_evaluation():
 
     config = RunConfig()
     config.moe.num_experts, config.moe.router = 4, "stablemoe"
+    assert config.moe.eval_routing == "distilled"  # the default
+    assert routing_stage(config, saved_stage=1, requested=None) == 2
+    config.moe.eval_routing = "backbone"
     assert routing_stage(config, saved_stage=1, requested=None) == 1
     config.moe.eval_routing = "distilled"
-    assert routing_stage(config, saved_stage=1, requested=None) == 2
     assert routing_stage(config, saved_stage=2, requested=None) == 2
 
 
-def test_needs_a_distilled_router():
+def test_without_a_distilled_router_either_value_is_accepted_and_has_no_effect():
     from stablemoe_megatron.cli_args import parse_config
-    from stablemoe_megatron.errors import ConfigError
 
-    config = parse_config(["--num-experts", "4", "--moe-router", "hash", "--moe-eval-routing", "distilled",
-                           "--data-path", "x"])
-    with pytest.raises(ConfigError, match="^--moe-eval-routing distilled needs a distilled router"):
+    for value in ("backbone", "distilled"):
+        config = parse_config(["--num-experts", "4", "--moe-router", "hash", "--moe-eval-routing", value,
+                               "--data-path", "x"])
         config.validate(1)
-    assert parse_config(["--num-experts", "4"]).moe.eval_routing == "backbone"
+        assert not config.moe.routes_distilled_in_evaluation
+    assert parse_config(["--num-experts", "4"]).moe.eval_routing == "distilled"
+    parse_config(["--num-experts", "4", "--moe-router", "hash", "--data-path", "x"]).validate(1)

@@ -65,7 +65,9 @@ ARCHITECTURES = {
          "--moe-layer-positions", "top", "--moe-sublayers-per-expert", 1], 2),
     "switch-wordemb-megatron-layout-stage2": (
         ["--num-experts", 4, "--moe-router", "switch", "--moe-distill-router", "wordemb", "--moe-layer-freq", 2], 2),
-    "stablemoe-stage1": (["--num-experts", 4, "--moe-router", "stablemoe", "--moe-sublayers-per-expert", 3], 1),
+    # backbone routing in stage 1 (the default, --moe-eval-routing distilled, exports as stage 2)
+    "stablemoe-stage1": (["--num-experts", 4, "--moe-router", "stablemoe", "--moe-sublayers-per-expert", 3,
+                          "--moe-eval-routing", "backbone"], 1),
     "dense": ([], 1),
 }
 

@@ -122,7 +122,7 @@ def _aux_losses_reach_total_loss(case):
                 inputs.hidden, router.weight, case["aux_loss_coeff"], case["z_loss_coeff"])
         else:
             losses, experts, gates = manual_stablemoe_losses(
-                inputs.hidden, router.weight, router.distilled, seq_major(tokens),
+                inputs.hidden, router.weight, router.distilled, inputs.token_ids,  # the rows' ids (token shuffle)
                 case["balance_loss_coeff"], case["distill_loss_coeff"])
         manual[layer.layer_number] = sum(losses.values())
         got = metrics[layer.layer_number]
@@ -134,9 +134,10 @@ def _aux_losses_reach_total_loss(case):
             gate_diff=(decision.gates - gates).abs().max().item(),
             counts_equal=torch.equal(got["tokens_per_expert"], torch.bincount(experts, minlength=EXPERTS)),
             mean_gate_diff=abs(got["mean_gate"].item() - gates.mean().item()),
+            ids_are_the_batch=torch.equal(inputs.token_ids.sort().values, seq_major(tokens).sort().values),
         )
         if router.distilled is not None:
-            student = router.distilled.embedding.weight[seq_major(tokens)] @ router.distilled.centroids.t()
+            student = router.distilled.embedding.weight[inputs.token_ids] @ router.distilled.centroids.t()
             agreement = (student.argmax(-1) == experts).float().mean().item()
             results[layer.layer_number]["agreement_diff"] = abs(got["distill_agreement"].item() - agreement)
 
@@ -188,7 +189,7 @@ def test_every_layer_aux_loss_reaches_total_loss_and_metrics(name):
     assert worst <= 1e-6, worst  # full grad == task grad + coefficient-weighted aux grad, every param
     assert sorted(results) == [2, 4]
     for number, res in results.items():
-        assert res["experts_equal"] and res["counts_equal"], number
+        assert res["experts_equal"] and res["counts_equal"] and res["ids_are_the_batch"], number
         assert res["gate_diff"] <= 1e-6 and res["mean_gate_diff"] <= 1e-6, res
         assert res["metric_diff"] <= 1e-6, res
         assert all(value > 0 for value in res["loss_values"].values()), res
@@ -230,13 +231,22 @@ class count_every_host_copy:
         self._module._to_host = self._original
 
 
+# Without the token shuffle (on by default): it moves the rows away from the host copy of their ids.
 HOST_ID_CASES = {
-    "hash-paper": dict(router="hash"),
-    "hash-megatron": dict(router="hash", layout="megatron"),
-    "stablemoe-frozen-paper": dict(router="stablemoe"),
-    "stablemoe-frozen-megatron": dict(router="stablemoe", layout="megatron"),
-    "switch-wordemb-frozen-megatron": dict(router="switch", distill="wordemb", layout="megatron"),
+    "hash-paper": dict(router="hash", token_shuffle=False),
+    "hash-megatron": dict(router="hash", layout="megatron", token_shuffle=False),
+    "stablemoe-frozen-paper": dict(router="stablemoe", token_shuffle=False),
+    "stablemoe-frozen-megatron": dict(router="stablemoe", layout="megatron", token_shuffle=False),
+    "switch-wordemb-frozen-megatron": dict(router="switch", distill="wordemb", layout="megatron", token_shuffle=False),
 }
+
+
+def capacity_in_training(case) -> bool:
+    """The router's default capacity applies (StableMoE: 2, the authors'): the kept tokens per
+    expert are known on the device only, so the dispatcher copies their counts once per call."""
+    from stablemoe_megatron.moe.config import MoEConfig
+
+    return MoEConfig(num_experts=EXPERTS, router=case["router"]).effective_capacity_factor is not None
 
 
 def _host_token_ids_run(case, stage_two):
@@ -255,6 +265,7 @@ def _host_token_ids_run(case, stage_two):
     out = {"layers": len(model.moe_layers)}
     with count_every_host_copy():
         for mode, host in (("host", tokens), ("device", None)):
+            model.start_moe_step(0)  # the same token-shuffle permutations in both forwards (compared bitwise)
             model.zero_grad(set_to_none=True)
             before = device_to_host_copies()
             losses = model(tokens, positions(), None, labels=labels, host_token_ids=host)
@@ -279,9 +290,13 @@ def _host_token_ids_run(case, stage_two):
 def test_token_id_routing_with_host_ids_makes_no_device_to_host_copy(name, world, ep):
     case = HOST_ID_CASES[name]
     stage_two = case["router"] != "hash"
+    capped = capacity_in_training(case)
     for res in run_distributed(_host_token_ids_run, world_size=world, ep=ep, args=(case, stage_two)):
-        assert res["host_copies"] == 0, res
-        assert all(res["host_host_counts"]), res  # the counts came from the host, and are right
+        if capped:  # StableMoE's default capacity: the counts of the kept tokens come from the device
+            assert res["host_copies"] == res["layers"] and res["host_host_counts"] == [None] * res["layers"], res
+        else:
+            assert res["host_copies"] == 0, res
+            assert all(res["host_host_counts"]), res  # the counts came from the host, and are right
         assert res["loss_diff"] == 0.0 and res["grad_diff"] == 0.0 and res["same_grad_keys"], res
         # without the host ids the same routing needs the counts from the device
         assert res["device_host_counts"] == [None] * res["layers"], res
@@ -325,8 +340,10 @@ def expected_kept(hidden, weight, router, capacity_factor):
 
 def _capacity_dropping(case, capacity_factor):
     reset_aux_scale()
-    dropping = build(capacity=capacity_factor, **case)
-    full = build(**case)
+    # a dropped token is recognised by its zero MoE output: experts with non-zero (normal) fc2;
+    # the reference keeps every token (c = N; StableMoE's default capacity is 2)
+    dropping = build(capacity=capacity_factor, expert_output_init="normal", **case)
+    full = build(capacity=float(EXPERTS), expert_output_init="normal", **case)
     assert load_global_tensors(full, global_tensors(dropping)) > 0
     tokens, _ = batch(0)
     gen = torch.Generator().manual_seed(7)
@@ -377,15 +394,12 @@ def test_capacity_dropping_zeroes_overflow_tokens_only(case):
 
 
 def _capacity_reference(case, num_batches):
+    from moe_cases import forward_backward_together
+
     reset_aux_scale()
     model = build(**case)
     weights = global_tensors(model)
-    losses = []
-    for seed in range(num_batches):
-        tokens, labels = batch(seed)
-        loss = model(tokens, positions(), None, labels=labels)
-        loss.mean().backward()
-        losses.append(loss.detach())
+    losses = forward_backward_together(model, num_batches)  # the DP ranks' batches as one micro-batch
     dropped = [m["dropped_fraction"].item() for m in model.moe_metrics().values()]
     return weights, losses, global_tensors(model, grads=True), dropped
 
@@ -410,8 +424,9 @@ def _capacity_parallel(case, weights, ref_losses, ref_grads):
 
 @pytest.mark.parametrize("world,tp,ep", [(2, 1, 2), (2, 2, 1)], ids=["ep2", "tp2sp"])
 def test_capacity_dropping_is_independent_of_the_parallel_layout(world, tp, ep):
-    """The capacity is counted over the DP rank's micro-batch, all sequence-parallel shards of it:
-    TP=2 + SP and EP=2 drop exactly the tokens a single process drops."""
+    """The capacity is counted over every data-parallel rank's micro-batch (the default scope), all
+    sequence-parallel shards of it: TP=2 + SP and EP=2 (two DP ranks) drop exactly the tokens a
+    single process drops from the same tokens in one micro-batch."""
     case = dict(router="stablemoe", capacity=0.75)
     dp = world // tp
     weights, ref_losses, ref_grads, dropped = run_distributed(_capacity_reference, world_size=1, args=(case, dp))[0]
@@ -437,7 +452,8 @@ def expected_kth(inputs, weight, capacity_factor=2.0):
 def _expert_choice_causality(cut_positions):
     reset_aux_scale()
     momentum = 0.9
-    model = build(router="expert-choice", expert_choice_threshold_momentum=momentum)
+    # experts with non-zero (normal) fc2: the routing shows in the logits
+    model = build(router="expert-choice", expert_choice_threshold_momentum=momentum, expert_output_init="normal")
     calls = capture_router_calls(model)
     router = model.moe_layers[0].router
     with torch.no_grad():
@@ -537,17 +553,21 @@ def repeated_id_batch():
 
 def _stage_switch_token_id_router(layout):
     reset_aux_scale()
-    model = build(router="stablemoe", layout=layout, distill="wordemb")
+    # c = N keeps every token (the frozen table need not be balanced; StableMoE's default capacity is 2);
+    # non-zero (normal) fc2: with the default zero one the expert outputs, hence the gate's gradient, are 0
+    model = build(router="stablemoe", layout=layout, distill="wordemb", capacity=float(EXPERTS),
+                  expert_output_init="normal")
     calls = capture_router_calls(model)
     tokens, labels = repeated_id_batch()
-    ids = seq_major(tokens)
     out = {"stage_before": model.stage,
            "distilled_trainable_before": all(p.requires_grad for r in model.distilled_routers()
                                              for p in r.distilled.parameters())}
     # stage 1: the same id is routed by its hidden state
     model(tokens, positions(), None, labels=labels)
+    # the ids of the rows each router saw (the token shuffle permutes them)
     out["stage1_experts_per_id"] = {
-        n: [len(set(c[0][1].expert_index[ids == i].tolist())) for i in REPEATED_IDS] for n, c in calls.items()}
+        n: [len(set(c[0][1].expert_index[c[0][0].token_ids == i].tolist())) for i in REPEATED_IDS]
+        for n, c in calls.items()}
     model.moe_metrics()
 
     model.enter_stage_two()
@@ -562,11 +582,13 @@ def _stage_switch_token_id_router(layout):
     per_layer = {}
     for layer in model.moe_layers:
         (inputs, decision), = calls[layer.layer_number]
+        ids = inputs.token_ids
         router = layer.router
         table = (router.distilled.embedding.weight @ router.distilled.centroids.t()).argmax(-1)
         scores = inputs.hidden.detach().float() @ router.weight.detach().t()
         gates = torch.sigmoid(scores.gather(1, decision.expert_index[:, None]).squeeze(1))
         per_layer[layer.layer_number] = dict(
+            ids_are_the_batch=torch.equal(ids.sort().values, seq_major(tokens).sort().values),
             experts_are_table_of_ids=torch.equal(decision.expert_index, table[ids]),
             token_index_is_identity=torch.equal(decision.token_index, torch.arange(ids.numel())),
             experts_per_id=[len(set(decision.expert_index[ids == i].tolist())) for i in REPEATED_IDS],
@@ -591,7 +613,7 @@ def test_stage_two_routes_by_token_id_and_keeps_learning_the_gate(layout):
     assert any(n > 1 for counts in res["stage1_experts_per_id"].values() for n in counts), res
     assert len(res["layers"]) == (2 if layout == "megatron" else 1)
     for number, lay in res["layers"].items():
-        assert lay["experts_are_table_of_ids"] and lay["token_index_is_identity"], number
+        assert lay["ids_are_the_batch"] and lay["experts_are_table_of_ids"] and lay["token_index_is_identity"], number
         assert lay["experts_per_id"] == [1] * len(REPEATED_IDS), lay
         assert lay["gate_diff"] <= 1e-6, lay  # gate = sigmoid of the backbone score E_a . h
         assert min(lay["gate_spread_per_id"]) > 1e-4, lay  # ... which depends on the context

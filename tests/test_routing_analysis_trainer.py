@@ -159,7 +159,10 @@ def test_probe_is_assembled_correctly_under_parallel_layouts(data, runs, tmp_pat
     # the word-embedding distilled router and stage-2 routing depend on the token id alone
     assert all(_a_function_of_the_token_id(parallel.tokens, row) for row in distilled)
     assert all(_a_function_of_the_token_id(parallel.tokens, row) for row in routed[2:])
-    assert not _a_function_of_the_token_id(parallel.tokens, routed[0])   # stage 1 depends on the context
+    # stage 1: the backbone's choice depends on the context; the probe routes with the distilled
+    # router (--moe-eval-routing distilled, the default)
+    assert not _a_function_of_the_token_id(parallel.tokens, parallel.choices(1, "backbone")[0])
+    assert np.array_equal(routed[0], distilled[0])
     assert np.array_equal(routed[2], distilled[1])
     if "--tensor-model-parallel-size" in layout:  # same initial weights as one process (PP draws them per stage)
         for view in ("routed", "backbone", "distilled"):

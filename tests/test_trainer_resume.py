@@ -56,16 +56,36 @@ def test_resumed_run_reproduces_losses_bitwise(data, tmp_path, uninterrupted, st
     assert results["validation_loss"] == ref_results["validation_loss"]
 
 
-def test_resume_with_expert_parallel_2(data, tmp_path):
+EP2_CASES = {
+    # StableMoE with the default flags, stopped at the stage switch
+    "stablemoe-resume-at-switch": ({}, 8),
+    # BASE solves its balanced assignment over the rows a rank receives from the shuffle: the
+    # permutations decide the routing (greedy routers only show them in the losses' last bits)
+    "base-resume-at-4": ({"--moe-router": "base", "--moe-stage2-start-iter": False}, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EP2_CASES))
+def test_resume_with_expert_parallel_2(data, tmp_path, name):
+    """Two data-parallel ranks with the default token shuffle, which sends tokens between them (a
+    real all-to-all); its permutations are seeded per iteration (MoEHost.start_moe_step), so the
+    resumed run draws the uninterrupted run's and reproduces its losses bitwise."""
+    from stablemoe_megatron.cli_args import parse_config
+
+    extra, stop_at = EP2_CASES[name]
+    extra = {"--expert-model-parallel-size": 2, **extra}
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
     for d in (full_dir, part_dir):
         (d / "ckpt").mkdir(parents=True)
-    extra = {"--expert-model-parallel-size": 2}
+    config = parse_config(_flags(data, full_dir, "full", **extra))
+    assert config.moe.shuffles_tokens and config.data_parallel_size(2) == 2
     _, full_records = _run(_flags(data, full_dir, "full", **extra), 2)
-    _run(_flags(data, part_dir, "first", **extra, **{"--exit-interval": 8}), 2)
+    first, _ = _run(_flags(data, part_dir, "first", **extra, **{"--exit-interval": stop_at}), 2)
+    assert first["iteration"] == stop_at and first["exited_early"]
     _, records = _run(_flags(data, part_dir, "second", **extra), 2)
-    reference = losses_by_iteration(full_records)
-    for iteration, loss in losses_by_iteration(records).items():
+    reference, resumed = losses_by_iteration(full_records), losses_by_iteration(records)
+    assert sorted(resumed) == list(range(stop_at + 1, ITERS + 1))
+    for iteration, loss in resumed.items():
         assert loss == reference[iteration], (iteration, loss, reference[iteration])
 
 

@@ -65,17 +65,17 @@ class MoEConfig:
     distill_teacher: str = field(default="greedy", metadata={
         "help": "stage-1 distillation target: the expert the router assigned (assignment) or the "
                 "greedy argmax of the backbone scores (greedy, the authors' code); they differ only "
-                "for --moe-router base; needs a distilled router", "choices": DISTILL_TEACHERS})
+                "for --moe-router base; no effect without a distilled router", "choices": DISTILL_TEACHERS})
     eval_routing: str = field(default="distilled", metadata={
         "help": "routing outside training (validation, test, the routing probe) while in stage 1: "
                 "the backbone router's greedy choice (backbone) or the distilled token-id router "
                 "(distilled, the authors' code: whenever a distilled router exists and the model is "
-                "not training); stage 2 always routes with the distilled router; needs a distilled "
-                "router", "choices": EVAL_ROUTINGS})
+                "not training); stage 2 always routes with the distilled router; no effect "
+                "without a distilled router", "choices": EVAL_ROUTINGS})
     distill_embedding_init: str = field(default="unit", metadata={
         "help": "distilled router token embedding init: N(0, 0.02) (normal) or N(0, 1) (unit, the "
                 "authors' nn.Embedding; their zeroed padding row has no counterpart here: no pad "
-                "id); needs a distilled router", "choices": DISTILL_EMBEDDING_INITS})
+                "id); no effect without a distilled router", "choices": DISTILL_EMBEDDING_INITS})
     # --- initialisation ----------------------------------------------------------------------
     expert_output_init: str = field(default="zero", metadata={
         "help": "expert FFN output projection (fc2) init: N(0, --init-method-std/sqrt(2L)) (normal) "
@@ -209,10 +209,12 @@ class MoEConfig:
             raise ConfigError("--moe-distill-dim must be >= 1")
 
     def _validate_init_options(self, distill: Optional[str]) -> None:
-        """Choices of the authors'-recipe options (from the fields' ``choices``); the distillation
-        ones need a distilled router unless left at their field default.
+        """Choices of the authors'-recipe options (from the fields' ``choices``).
 
-        --moe-centroid-init is accepted for every router (the hash router has no weight: no effect).
+        The distillation options (DISTILLATION_OPTIONS) and --moe-centroid-init are accepted for
+        every router: without a distilled router (or, for the hash router, a router weight) they
+        have no effect. Their defaults are the authors' values, so either value is a plain choice,
+        not an opt-in that a missing distilled router would contradict.
         """
         fields = {f.name: f for f in dataclasses.fields(self)}
         for name in RECIPE_OPTIONS + DISTILLATION_OPTIONS:
@@ -221,10 +223,6 @@ class MoEConfig:
                 raise ConfigError(f"--moe-{name.replace('_', '-')} must be one of {', '.join(choices)}")
         if not self.centroid_init_gain > 0:
             raise ConfigError("--moe-centroid-init-gain must be > 0")
-        for name in DISTILLATION_OPTIONS:
-            if distill is None and getattr(self, name) != fields[name].default:
-                raise ConfigError(f"--moe-{name.replace('_', '-')} {getattr(self, name)} needs a distilled router: "
-                                  f"add --moe-distill-router wordemb, or drop it")
 
     def moe_placement(self, num_layers: int) -> dict:
         """{1-based transformer layer number: where} for every MoE layer.
