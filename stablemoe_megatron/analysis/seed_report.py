@@ -189,11 +189,16 @@ def plot_stage1(runs: Runs, path: Path) -> Optional[Path]:
               ("probe tokens that moved since the last probe", lambda r: r.probe_curves.get("changed_fraction", [])),
               ("distillation agreement (probe)", lambda r: r.probe_curves.get("distill_agreement", [])),
               ("valid PPL: MoE block skipped − with", _bypass_gap),
+              ("MoE input RMS", lambda r: r.layer_curves.get("input_rms", [])),
               ("MoE input: shared-component share", lambda r: r.layer_curves.get("input_shared_fraction", [])),
               ("router weight row norm", lambda r: r.layer_curves.get("centroid_norm", []))]
     panels = [(title, getter) for title, getter in panels if any(getter(r) for s in runs.values() for r in s.values())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
-    axes = axes[0]
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.6 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (title, getter) in zip(axes, panels):
         for variant, seeds in runs.items():
             _band(ax, [getter(r) for r in seeds.values()], variant)

@@ -341,7 +341,9 @@ def run(args) -> RunStats:
             _set_encoder_state(tokenizer, args.json_keys, args.append_eod)
             results = map(encode_record, records)
         else:
-            pool = multiprocessing.get_context("fork").Pool(
+            # spawn, not fork: forking a process whose threads (torch, gloo, a test runner's) may
+            # hold a lock can deadlock the child; the tokenizer is pickled to each worker instead
+            pool = multiprocessing.get_context("spawn").Pool(
                 args.workers, initializer=_init_pool_worker, initargs=(tokenizer, args.json_keys, args.append_eod)
             )
             results = pool.imap(encode_record, records, chunksize=args.chunksize)

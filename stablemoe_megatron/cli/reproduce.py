@@ -344,13 +344,15 @@ def collect(out: Path, names: Sequence[str], seeds: Sequence[int], tokens_per_it
     return runs, metas
 
 
-def write_results(out: Path, args, names: Sequence[str], total_wall: float) -> Dict[str, Path]:
+def write_results(out: Path, args, names: Sequence[str], total_wall: Optional[float]) -> Dict[str, Path]:
     """results.md / results.json / report/*.png from every finished run of ``names`` x ``--seeds``."""
     from stablemoe_megatron.analysis import seed_report
 
     size = tiny_size()
     tokens_per_iteration = size["training"]["global_batch_size"] * size["model"]["seq_length"]
     runs, metas = collect(out, names, args.seeds, tokens_per_iteration)
+    if total_wall is None:
+        total_wall = sum(meta.get("wall_s") or 0.0 for seeds in metas.values() for meta in seeds.values())
     main_names = [n for n in names if n in VARIANTS]
     stage1_names = [n for n in ["stablemoe-stage1", *ABLATIONS] if n in names and n != "dense-previous"]
     labels = {n: variant_definition(n)[0] for n in names}
@@ -434,7 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"{PROG}: error: {exc}", file=sys.stderr)
                     return 1
                 _write_quietly(out, args, start)
-    written = write_results(out, args, args.variants, time.perf_counter() - start)
+    total = None if args.report_only else time.perf_counter() - start  # report-only: the runs' own wall times
+    written = write_results(out, args, args.variants, total)
     print((out / "results.md").read_text())
     for key, path in written.items():
         print(f"{PROG}: {key}: {path}")
