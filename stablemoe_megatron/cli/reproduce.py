@@ -387,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=str(REPO / "runs" / "reproduce"), help="output directory")
     p.add_argument("--variants", nargs="+", choices=[*VARIANTS, *ABLATIONS], default=DEFAULT_VARIANTS,
-                   help="variants to run, in this order for each seed (the stage-1 study: the s1-* and "
-                        "dense-previous ablations)")
+                   metavar="VARIANT",
+                   help="variants to run, in this order for each seed: " + ", ".join(VARIANTS) + "; the "
+                        "stage-1 study: " + ", ".join(ABLATIONS) + " (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
                    help="seeds (initialisation and data order); all variants run for the first seed, then the next")
     p.add_argument("--recipe", choices=list(RECIPES), default="authors",
