@@ -136,13 +136,11 @@ def _band(ax, curves, label, scale_x=1.0):
                     color=line.get_color(), alpha=0.18, linewidth=0)
 
 
-def plot_validation(runs: Runs, path: Path) -> Optional[Path]:
+def plot_validation(runs: Runs, path: Path) -> Path:
     """Validation PPL vs training tokens and vs training wall time, mean ± std over seeds."""
     from stablemoe_megatron.analysis.plots import _save, pyplot
 
     plt = pyplot()
-    if plt is None:
-        return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for variant, seeds in runs.items():
         _band(axes[0], [r.valid_curve for r in seeds.values()], variant, 1e-6)
@@ -157,13 +155,11 @@ def plot_validation(runs: Runs, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def plot_fluctuation_bands(runs: Runs, path: Path) -> Optional[Path]:
+def plot_fluctuation_bands(runs: Runs, path: Path) -> Path:
     """% of probe tokens whose routed expert still changes after x % of training, mean ± std."""
     from stablemoe_megatron.analysis.plots import _save, pyplot
 
     plt = pyplot()
-    if plt is None:
-        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, seeds in runs.items():
         curves = [list(enumerate(r.fluctuation_curve)) for r in seeds.values() if r.fluctuation_curve]
@@ -177,13 +173,11 @@ def plot_fluctuation_bands(runs: Runs, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def plot_stage1(runs: Runs, path: Path) -> Optional[Path]:
+def plot_stage1(runs: Runs, path: Path) -> Path:
     """Stage-1 diagnostics over training: mean gate, load CV, moved tokens, agreement, MoE-skipped PPL gap."""
     from stablemoe_megatron.analysis.plots import _save, pyplot
 
     plt = pyplot()
-    if plt is None:
-        return None
     panels = [("mean gate", lambda r: r.layer_curves.get("mean_gate", [])),
               ("load CV (training batches)", lambda r: r.layer_curves.get("load_cv", [])),
               ("probe tokens that moved since the last probe", lambda r: r.probe_curves.get("changed_fraction", [])),
@@ -222,9 +216,7 @@ def plot_all(runs: Runs, stage1_runs: Runs, out_dir: Path) -> Dict[str, Path]:
     for key, func, subset in (("validation", plot_validation, runs), ("fluctuation", plot_fluctuation_bands, runs),
                               ("stage1", plot_stage1, stage1_runs)):
         if subset:
-            path = func(subset, out_dir / f"{key}.png")
-            if path is not None:
-                written[key] = path
+            written[key] = func(subset, out_dir / f"{key}.png")
     return written
 
 

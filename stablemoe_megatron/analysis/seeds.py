@@ -25,8 +25,10 @@ def read_jsonl(path: Path) -> List[dict]:
         return []
     records = []
     for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line)) if line.strip() else None
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             pass
     return records

@@ -58,6 +58,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from stablemoe_megatron.analysis.seeds import read_jsonl
 from stablemoe_megatron.runtime import free_port
 from stablemoe_megatron.size_configs import load_size, to_flags
 
@@ -99,6 +100,30 @@ VARIANTS: "OrderedDict[str, tuple]" = OrderedDict([
                                                                   "{stage2@10}"])),
     ("dense-ffn", ("dense + K FFN sublayers (equal FLOPs)", ["--moe-router", "hash"])),
 ])
+# The authors' recipe (docs/RECIPE.md), as flags: for every variant; for MoE variants; for variants with
+# a distilled router; the capacity of their command for the StableMoE router. "previous": this
+# trainer's defaults before it followed the authors.
+RECIPES = {
+    "authors": {"all": ["--activation", "relu", "--weight-decay", "0"],
+                "moe": ["--moe-expert-output-init", "zero", "--moe-centroid-init", "orthogonal"],
+                "distilled": ["--moe-distill-loss-coeff", "0.3", "--moe-eval-routing", "distilled",
+                              "--moe-distill-embedding-init", "unit", "--moe-distill-teacher", "greedy"],
+                "stablemoe": ["--moe-expert-capacity-factor", "2"]},
+    # capacity N: nothing dropped
+    "previous": {"all": ["--activation", "gelu", "--weight-decay", "0.01"],
+                 "moe": ["--moe-expert-output-init", "normal", "--moe-centroid-init", "normal", "--no-moe-token-shuffle",
+                         "--moe-balance-count-scope", "micro-batch"],
+                 "distilled": ["--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone",
+                               "--moe-distill-embedding-init", "normal", "--moe-distill-teacher", "assignment"],
+                 "stablemoe": ["--moe-expert-capacity-factor", "{num_experts}"]},
+}
+
+
+def _all_flags(recipe: dict) -> List[str]:
+    """Every flag of a recipe (for a StableMoE variant)."""
+    return [flag for part in ("all", "moe", "distilled", "stablemoe") for flag in recipe[part]]
+
+
 # The stage-1 study: StableMoE stage 1 only with ONE recipe item changed (flags appended last: they win).
 ABLATIONS: "OrderedDict[str, tuple]" = OrderedDict([
     ("s1-previous", ("stage 1, this trainer's previous defaults (every item below reverted)",
@@ -106,13 +131,9 @@ ABLATIONS: "OrderedDict[str, tuple]" = OrderedDict([
                       "--moe-centroid-init", "normal", "--moe-distill-embedding-init", "normal",
                       "--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone"], "stablemoe-stage1")),
     ("s1-previous-all", ("stage 1, every earlier default (also capacity, counting set, shuffle, teacher)",
-                         ["--activation", "gelu", "--weight-decay", "0.01", "--moe-expert-output-init", "normal",
-                          "--moe-centroid-init", "normal", "--moe-distill-embedding-init", "normal",
-                          "--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone",
-                          "--moe-distill-teacher", "assignment", "--moe-expert-capacity-factor", "{num_experts}",
-                          "--no-moe-token-shuffle", "--moe-balance-count-scope", "micro-batch"], "stablemoe-stage1")),
-    ("dense-previous", ("dense, previous defaults (GELU, weight decay 0.01)",
-                        ["--activation", "gelu", "--weight-decay", "0.01"], "dense")),
+                         _all_flags(RECIPES["previous"]), "stablemoe-stage1")),
+    ("dense-previous", ("dense, previous defaults (GELU, weight decay 0.01)", list(RECIPES["previous"]["all"]),
+                        "dense")),
     ("s1-alpha0", ("stage 1, alpha = 0 (no balance loss)", ["--moe-balance-loss-coeff", "0"], "stablemoe-stage1")),
     ("s1-alpha0.01", ("stage 1, alpha = 0.01", ["--moe-balance-loss-coeff", "0.01"], "stablemoe-stage1")),
     ("s1-alpha0.1", ("stage 1, alpha = 0.1", ["--moe-balance-loss-coeff", "0.1"], "stablemoe-stage1")),
@@ -126,22 +147,6 @@ ABLATIONS: "OrderedDict[str, tuple]" = OrderedDict([
     ("s1-distill-coeff1", ("stage 1, distillation coefficient 1.0", ["--moe-distill-loss-coeff", "1.0"],
                            "stablemoe-stage1")),
 ])
-# The authors' recipe (docs/RECIPE.md), as flags: for every variant; for MoE variants; for variants with
-# a distilled router; the capacity of their command for the StableMoE router. "previous": none of it.
-RECIPES = {
-    "authors": {"all": ["--activation", "relu", "--weight-decay", "0"],
-                "moe": ["--moe-expert-output-init", "zero", "--moe-centroid-init", "orthogonal"],
-                "distilled": ["--moe-distill-loss-coeff", "0.3", "--moe-eval-routing", "distilled",
-                              "--moe-distill-embedding-init", "unit", "--moe-distill-teacher", "greedy"],
-                "stablemoe": ["--moe-expert-capacity-factor", "2"]},
-    # this trainer's defaults before it followed the authors (capacity N: nothing dropped)
-    "previous": {"all": ["--activation", "gelu", "--weight-decay", "0.01"],
-                 "moe": ["--moe-expert-output-init", "normal", "--moe-centroid-init", "normal", "--no-moe-token-shuffle",
-                         "--moe-balance-count-scope", "micro-batch"],
-                 "distilled": ["--moe-distill-loss-coeff", "1.0", "--moe-eval-routing", "backbone",
-                               "--moe-distill-embedding-init", "normal", "--moe-distill-teacher", "assignment"],
-                 "stablemoe": ["--moe-expert-capacity-factor", "{num_experts}"]},
-}
 DEFAULT_VARIANTS = ["stablemoe", "stablemoe-alpha0.01", "dense", "dense-ffn", "hash", "switch", "base",
                     "stablemoe-stage1", "stablemoe-25", "stablemoe-50", "expert-choice", "base-distill-freeze"]
 # paper Table 2 / Table 5 / Table 6 (base size, valid / test PPL), for the table's last column
@@ -294,12 +299,6 @@ def _drop_checkpoints(save_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # results
 # ------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> List[dict]:
-    from stablemoe_megatron.analysis.seeds import read_jsonl as read
-
-    return read(path)
-
-
 def machine_info() -> dict:
     import platform
 
