@@ -24,6 +24,11 @@ import torch
 
 from stablemoe_megatron.runtime import free_port
 
+# The paper's model settings where Megatron-LM's defaults (which the trainer follows) differ, and the
+# quieter evaluation/logging the benchmarks always ran with.
+PAPER_MODEL_FLAGS = ["--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear",
+                     "--eval-iters", "10", "--log-interval", "10"]
+
 
 # ------------------------------------------------------------------------------------------------
 # sizes

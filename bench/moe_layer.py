@@ -138,7 +138,8 @@ def _configs(sizes: dict, router: str):
                     aux_loss_coeff=AUX_LOSS_COEFF,
                     expert_capacity_factor=None if get_routing(name).one_pair_per_token else 1.0)
     model = ModelConfig(num_layers=2, hidden_size=sizes["hidden"], ffn_hidden_size=sizes["ffn"],
-                        num_attention_heads=max(1, sizes["hidden"] // 64), seq_length=sizes["seq"])
+                        num_attention_heads=max(1, sizes["hidden"] // 64), seq_length=sizes["seq"],
+                        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False)
     config = transformer_config(model, moe, bf16=sizes["bf16"])
     # no DDP here, so no main_grad buffers for TE's fused weight-gradient accumulation
     config = dataclasses.replace(config, gradient_accumulation_fusion=False,

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
+    PAPER_MODEL_FLAGS,
     config_size,
     fmt_ratio,
     fmt_spread,
@@ -72,7 +73,8 @@ def base_flags(size: dict) -> list:
              "--num-attention-heads", size["heads"], "--seq-length", size["seq"],
              "--micro-batch-size", size["micro"], "--global-batch-size", size["micro"] * size.get("accumulate", 1),
              "--train-iters", 100000, "--lr", "6e-4", "--lr-warmup-iters", 100, "--clip-grad", "0.1",
-             "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--weight-decay", "0.01"]
+             "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--weight-decay", "0.01",
+             *PAPER_MODEL_FLAGS]
     if size["bf16"]:
         flags.append("--bf16")
     return [str(f) for f in flags]

@@ -34,7 +34,7 @@ from stablemoe_megatron.routing import routing_names
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import config_size, init_single_process, machine_info, quantiles, synchronize  # noqa: E402
+from bench.common import PAPER_MODEL_FLAGS, config_size, init_single_process, machine_info, quantiles, synchronize  # noqa: E402
 from bench.training import (  # noqa: E402
     build_job,
     config_from_flags,
@@ -57,7 +57,8 @@ def flags(size: dict, router: str, accumulate: int) -> list:
            "--num-attention-heads", size["heads"], "--seq-length", size["seq"],
            "--micro-batch-size", size["micro"], "--global-batch-size", size["micro"] * accumulate,
            "--train-iters", 100000, "--lr", "6e-4", "--lr-warmup-iters", 2000, "--clip-grad", "0.1",
-           "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--weight-decay", "0.01"]
+           "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--weight-decay", "0.01",
+           *PAPER_MODEL_FLAGS]
     if size["bf16"]:
         out.append("--bf16")
     if router != "dense":

@@ -115,10 +115,10 @@ def step(job, batches) -> float:
     """One trainer iteration; returns the loss (a host float: one sync, after the optimizer step)."""
     from stablemoe_megatron.training.step import train_step
 
-    loss, _, nonfinite, _ = train_step(job.step_context(), batches)
-    if nonfinite:
+    result = train_step(job.step_context(), batches)
+    if result.nonfinite:
         raise RuntimeError("non-finite loss in the benchmark step")
-    return loss
+    return result.loss
 
 
 def release(job) -> None:

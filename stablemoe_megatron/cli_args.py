@@ -57,9 +57,15 @@ def build_parser(prog: str = "stablemoe-train", description: str = "",
         kwargs = dict(dest=f"{section}.{fld.name}", help=_help(fld))
         if scalar is bool:
             group.add_argument(*names, action="store_true", **kwargs)
-            group.add_argument(f"--no-{names[0][2:]}", action="store_false", dest=kwargs["dest"],
+            off = fld.metadata.get("off_flag")  # Megatron's name of the negative form, e.g. --disable-bias-linear
+            off_names = [off, f"--no-{names[0][2:]}"] if off else [f"--no-{names[0][2:]}"]
+            group.add_argument(*off_names, action="store_false", dest=kwargs["dest"],
                                help=argparse.SUPPRESS if fld.default is False else f"turn {names[0]} off")
             continue
+        if "parse" in fld.metadata:  # a value with its own syntax (e.g. --moe-layer-freq 2 or "([0]+[1]*3)")
+            scalar = fld.metadata["parse"]
+        if fld.metadata.get("megatron_list"):  # Megatron takes a list here; one value is meaningful
+            kwargs["nargs"] = "+"
         if "choices" in fld.metadata:
             kwargs["choices"] = fld.metadata["choices"]
             kwargs["metavar"] = "{" + ",".join(map(str, fld.metadata["choices"])) + "}"
@@ -131,18 +137,50 @@ def parse_config(argv: Optional[Sequence[str]] = None, prog: str = "stablemoe-tr
     config = RunConfig.from_dict(load_yaml(config_file)) if config_file else RunConfig()
     for dest, value in args.items():
         section, name = dest.split(".", 1)
-        setattr(getattr(config, section), name, value)
+        setattr(getattr(config, section), name, _one_of_list(section, name, value))
     return config
 
 
+def _one_of_list(section: str, name: str, value):
+    """A flag Megatron-LM takes as a list (one entry per load-balancing type) holds one value here."""
+    if not isinstance(value, list) or section not in SECTIONS:
+        return value
+    fld = next(f for f in dataclasses.fields(SECTIONS[section][0]) if f.name == name)
+    if not fld.metadata.get("megatron_list"):
+        return value
+    if len(value) != 1:
+        raise ConfigError(f"{flag_name(section, name)} takes one value here (one load-balancing loss per "
+                          f"router), got {len(value)}: {' '.join(map(str, value))}")
+    return value[0]
+
+
 def config_from_yaml_text(text: str) -> RunConfig:
-    """A RunConfig from the YAML written by :func:`dump_config` (checkpoints, run dirs)."""
+    """A RunConfig from the YAML written by :func:`dump_config` (checkpoints, run dirs).
+
+    A config saved before the Megatron-LM flag semantics (no ``model.add_bias_linear`` key) is read as
+    the model it described: bias-free linears, and an integer ``moe.layer_freq`` k meaning layers
+    k, 2k, ... (now Megatron-LM's 1, k+1, ...), turned into the explicit 0/1 pattern.
+    """
     import yaml
 
-    return RunConfig.from_dict(yaml.safe_load(text) or {})
+    values = yaml.safe_load(text) or {}
+    model = values.get("model") or {}
+    if isinstance(model, dict) and model and "add_bias_linear" not in model:
+        model["add_bias_linear"] = False
+        moe, layers = values.get("moe") or {}, model.get("num_layers")
+        if isinstance(moe.get("layer_freq"), int) and layers:
+            moe["layer_freq"] = [1 if n % moe["layer_freq"] == 0 else 0 for n in range(1, layers + 1)]
+    return RunConfig.from_dict(values)
 
 
 def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, headed by the resolved MoE layout as a comment (readers ignore it)."""
     import yaml
 
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    header = ""
+    if config.model.num_layers:
+        try:
+            header = f"# {config.moe.layout_summary(config.model.num_layers)}\n"
+        except ConfigError:  # an inconsistent MoE setting: validation names it; the YAML is still written
+            header = ""
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)

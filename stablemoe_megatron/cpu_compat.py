@@ -21,7 +21,9 @@ Patches (``PATCHES`` maps name -> function):
   (``get_default_causal_mask``), ``dist_checkpointing/exchange_utils.py`` and
   ``models/common/language_module`` (``.cuda()``), and makes ``Tensor.type()`` report the CUDA type
   name that ``optimizer/clip_grads.py`` ``clip_grad_by_total_norm_fp32`` asserts. One mode instead of
-  dozens of call-site patches.
+  dozens of call-site patches. The autograd engine runs backward without the mode, so
+  ``tensor_parallel.random.CheckpointFunction.backward`` (activation recomputation re-runs layers,
+  e.g. ``get_default_causal_mask``, there) enters it too.
 * ``current_device_is_cpu`` -- ``torch.cuda.current_device`` returns the CPU device. Megatron
   passes it as ``device=`` in ~170 places (``utils.GlobalMemoryBuffer.get_tensor``,
   ``tensor_parallel/mappings.py``, ``param_and_grad_buffer``, ``p2p_communication`` ...); on CPU
@@ -100,10 +102,23 @@ _mode = None
 
 
 def _patch_cuda_device_to_cpu() -> None:
-    """Enter :class:`CudaDeviceToCpuMode` for the life of the process (main thread)."""
+    """Enter :class:`CudaDeviceToCpuMode` for the life of the process (main thread), and in the
+    backward of megatron's activation checkpointing, which re-runs the forward there."""
     global _mode
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
     _mode = CudaDeviceToCpuMode()
     _mode.__enter__()
+    CheckpointFunction.backward = staticmethod(_in_cpu_mode(CheckpointFunction.backward))
+
+
+def _in_cpu_mode(backward):
+    """``backward`` run inside a :class:`CudaDeviceToCpuMode` (the engine's thread has no mode)."""
+    def run(ctx, *grads):
+        with CudaDeviceToCpuMode():
+            return backward(ctx, *grads)
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,15 @@ Choices, each for a reason:
   both.) :func:`eval_micro_batches` takes a start offset and a sample count for either policy.
 * A split part that gets zero documents makes megatron's index builder loop forever, so every
   used part is checked against the document counts first (ConfigError naming ``--split``).
+* ``--mock-data`` (Megatron-LM's flag) trains on megatron-core's ``MockGPTDataset``, built by the same
+  ``BlendedMegatronDatasetBuilder`` from a ``GPTDatasetConfig`` without a blend, as Megatron-LM's
+  ``pretrain_gpt.py`` does. Its 100,000 documents are fixed (megatron's own RNG, seed 0: lengths
+  uniform in [1, 4096); document ``i`` is the ids ``1, 2, ..., L_i - 1`` modulo the tokenizer's
+  vocabulary, then the end-of-document id); ``--seed`` only shuffles the samples. megatron-core splits
+  them 1:1:1 into train/valid/test and ignores ``--split``. No index cache is written unless
+  ``--data-cache-path`` is given (every rank builds the indices in memory, about a second on a CPU).
+  The token counts of the hash router and the routing probe's held-out tokens come from these
+  documents too.
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ COUNT_CHUNK_TOKENS = 2**24  # token_counts' bincount chunk (bounds its int64 tem
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 SPLIT_NAMES = ("train", "valid", "test")
 PREPROCESS_HINT = "create it with tools/preprocess_data.py (stablemoe-preprocess-data)"
+MOCK_SPLIT = "1,1,1"  # megatron-core's split of mock data (BlendedMegatronDatasetConfig, whatever --split says)
 
 Blend = Tuple[List[str], Optional[List[float]]]
 
@@ -102,7 +112,14 @@ def _blends(data) -> Dict[str, Optional[Blend]]:
 
 def check_data_paths(data) -> None:
     """Every prefix of --data-path / --valid-data-path / --test-data-path has its .bin and .idx file,
-    well formed and consistent (:func:`~stablemoe_megatron.data_integrity.check_indexed_dataset`)."""
+    well formed and consistent (:func:`~stablemoe_megatron.data_integrity.check_indexed_dataset`).
+    With --mock-data: no data path at all (megatron-core builds every split of the mock data)."""
+    if data.mock_data:
+        for flag, paths in (("--data-path", data.data_path), ("--valid-data-path", data.valid_data_path),
+                            ("--test-data-path", data.test_data_path)):
+            if paths:
+                raise ConfigError(f"--mock-data trains on synthetic tokens: drop {flag} (or --mock-data)")
+        return
     blends = _blends(data)
     if blends["--data-path"] is None:
         raise ConfigError(f"--data-path is required: the PREFIX of a .bin/.idx dataset; {PREPROCESS_HINT}")
@@ -148,10 +165,20 @@ class MegatronTokenizerAdapter:
 
 
 def tokenizer_from_config(data):
-    """The project tokenizer from --tokenizer-type/--tokenizer-model/--vocab-file/--merge-file."""
+    """The project tokenizer from --tokenizer-type/--tokenizer-model/--vocab-file/--merge-file/--vocab-size."""
     from stablemoe_megatron.tokenizer import build_tokenizer
 
-    return build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file)
+    return build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file,
+                           data.vocab_size)
+
+
+def tokenizer_flags(data) -> str:
+    """The flags that chose the tokenizer, as typed (for messages), e.g. ``--tokenizer-model a.model``."""
+    if data.tokenizer_type == "NullTokenizer":
+        return f"--tokenizer-type NullTokenizer --vocab-size {data.vocab_size}"
+    if data.tokenizer_type == "GPT2BPETokenizer":
+        return f"--vocab-file {data.vocab_file} --merge-file {data.merge_file}"
+    return f"--tokenizer-model {data.tokenizer_model}"
 
 
 # -- Token arrays: range check and counts --------------------------------------------------------
@@ -191,8 +218,8 @@ def _check_ids(tokens: np.ndarray, vocab_size: int, flag: str, prefix: str) -> N
     high, low = int(tokens.max()), int(tokens.min())
     if high >= vocab_size or low < 0:
         raise ConfigError(f"{flag} {prefix}: token id {high if high >= vocab_size else low} is outside "
-                          f"[0, {vocab_size}): the data was tokenized with a larger vocabulary than "
-                          f"--tokenizer-model's {vocab_size}: re-run preprocess_data with the same tokenizer")
+                          f"[0, {vocab_size}): the data was tokenized with a larger vocabulary than the "
+                          f"tokenizer's {vocab_size} ids: re-run preprocess_data with the same tokenizer")
 
 
 def check_token_range(data, vocab_size: int) -> None:
@@ -215,6 +242,8 @@ def token_counts(data, vocab_size: int) -> torch.Tensor:
     prefix's counts are rescaled to the blend's share (expected counts, rounded), because that is the
     distribution training sees; an unweighted list is counted as is.
     """
+    if data.mock_data:
+        return torch.from_numpy(_mock_token_counts(data, vocab_size))
     prefixes, weights = parse_blend(data.data_path) or ([], None)
     bookend = _split_matrix(data.split)[0]
     per_prefix = []
@@ -235,6 +264,49 @@ def token_counts(data, vocab_size: int) -> torch.Tensor:
     shares = np.asarray(weights, dtype=np.float64) / sum(weights)
     expected = sum(c * (share * total / max(int(c.sum()), 1)) for c, share in zip(per_prefix, shares))
     return torch.from_numpy(np.rint(expected).astype(np.int64))
+
+
+# -- Mock data -----------------------------------------------------------------------------------
+
+
+def _mock_documents(data, part: int) -> Tuple[object, int, int]:
+    """(megatron-core's MockGPTLowLevelDataset for the configured tokenizer, first, end document of
+    split ``part``): the documents MockGPTDataset draws from, split as megatron-core splits them."""
+    low = _megatron_datasets()[1].MockGPTLowLevelDataset(MegatronTokenizerAdapter(tokenizer_from_config(data)))
+    return (low, *_document_range(len(low), _split_matrix(MOCK_SPLIT)[part]))
+
+
+def _mock_token_counts(data, vocab_size: int) -> np.ndarray:
+    """Counts of every id in the mock train documents, int64 [vocab_size], computed from their lengths.
+
+    Document ``i`` holds ``(1, 2, ..., n_i) mod V`` (``n_i = L_i - 1``) and then the eod id: every id gets
+    ``n_i // V`` and the ids ``1 .. n_i mod V`` one more, summed here with a difference array.
+    """
+    low, begin, end = _mock_documents(data, 0)
+    n = np.asarray(low.sequence_lengths[begin:end], dtype=np.int64) - 1
+    v = int(low.vocab_size)
+    if v > vocab_size:
+        raise ConfigError(f"--mock-data: the tokenizer's {v} ids do not fit the model's {vocab_size}")
+    rest = n % v
+    diff = np.bincount(rest + 1, minlength=v + 1)[: v + 1] * -1
+    diff[1] += len(rest)  # +1 from id 1 up to id rest_i, for every document
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    counts[:v] = int((n // v).sum()) + np.cumsum(diff)[:v]
+    counts[int(low.eod_token)] += len(n)
+    return counts
+
+
+def _mock_validation_stream(data, tokens_needed: int) -> np.ndarray:
+    """The first mock validation documents, concatenated, with at least ``tokens_needed`` tokens if the
+    part has them (all of them would be ~68M tokens; the probe needs a few thousand)."""
+    low, begin, end = _mock_documents(data, 1)
+    parts, total = [], 0
+    for index in range(begin, end):
+        if total >= tokens_needed:
+            break
+        parts.append(np.asarray(low[index]))
+        total += len(parts[-1])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 # -- Splits --------------------------------------------------------------------------------------
@@ -362,7 +434,8 @@ def _gpt_config(config, tokenizer, path_to_cache: str, **blend_kwargs):
 
 def _run_builder(gpt_config, sizes: List[int]) -> list:
     builder_mod, gpt_dataset, _ = _megatron_datasets()
-    builder = builder_mod.BlendedMegatronDatasetBuilder(gpt_dataset.GPTDataset, sizes, lambda: True, gpt_config)
+    cls = gpt_dataset.MockGPTDataset if gpt_config.mock else gpt_dataset.GPTDataset
+    builder = builder_mod.BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, gpt_config)
     with _rank_zero_without_distributed():
         return builder.build()
 
@@ -378,12 +451,19 @@ def build_datasets(config, tokenizer, world_size: int, require_train: bool = Tru
     ``full_eval`` builds the valid and test parts as exactly one epoch (every sample once).
     """
     data = config.data
-    check_splits(data, require_train)
+    if not data.mock_data:
+        check_splits(data, require_train)
     sizes = list(sample_counts(config, world_size))
     if full_eval:
         sizes[1] = sizes[2] = None  # megatron builds a part of size None as exactly one epoch
     if not hasattr(tokenizer, "unique_identifiers"):
         tokenizer = MegatronTokenizerAdapter(tokenizer)
+    eval_needed = 0 if full_eval else config.training.eval_iters * config.global_batch(world_size)
+    if data.mock_data:  # no blend: megatron-core sets mock=True and splits 1,1,1 (see the module docstring)
+        gpt_config = _gpt_config(config, tokenizer, cache_dir(data) if data.data_cache_path else None)
+        datasets = _run_builder(gpt_config, sizes)
+        _check_lengths(datasets, sizes, eval_needed)
+        return tuple(datasets)
     blends, path = _blends(data), cache_dir(data)
     replaced = [False, blends["--valid-data-path"] is not None, blends["--test-data-path"] is not None]
     gpt_config = _gpt_config(config, tokenizer, path, blend=blends["--data-path"], split=data.split)
@@ -395,7 +475,7 @@ def build_datasets(config, tokenizer, world_size: int, require_train: bool = Tru
         per_split = [None, blends["--valid-data-path"], blends["--test-data-path"]]
         separate = _run_builder(_gpt_config(config, tokenizer, path, blend_per_split=per_split), sizes)
         datasets = [separate[i] if replaced[i] else datasets[i] for i in range(3)]
-    _check_lengths(datasets, sizes, 0 if full_eval else config.training.eval_iters * config.global_batch(world_size))
+    _check_lengths(datasets, sizes, eval_needed)
     return tuple(datasets)
 
 
@@ -496,8 +576,10 @@ def probe_tokens(source, num_tokens: int, seq_length: int, seed: int) -> torch.T
     return torch.stack([torch.as_tensor(source[int(i)]["tokens"]) for i in picks]).long()
 
 
-def _validation_streams(data) -> List[np.ndarray]:
-    """Token arrays of the validation documents, one per prefix (memmapped)."""
+def _validation_streams(data, tokens_needed: int) -> List[np.ndarray]:
+    """Token arrays of the validation documents, one per prefix (memmapped; mock data: generated)."""
+    if data.mock_data:
+        return [_mock_validation_stream(data, tokens_needed)]
     blends = _blends(data)
     if blends["--valid-data-path"] is not None:
         return [_tokens(_indexed(p)) for p in blends["--valid-data-path"][0]]
@@ -514,7 +596,7 @@ def _validation_streams(data) -> List[np.ndarray]:
 
 def _probe_from_files(data, count: int, seq_length: int, seed: int) -> torch.Tensor:
     """``count`` distinct non-overlapping windows of the validation streams, picked by ``seed``."""
-    streams = _validation_streams(data)
+    streams = _validation_streams(data, 4 * count * seq_length)
     ends = np.cumsum([len(s) // seq_length for s in streams])  # window numbering over all streams
     total = int(ends[-1]) if len(ends) else 0
     if total < count:

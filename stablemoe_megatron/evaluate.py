@@ -115,6 +115,7 @@ def choose_layout(config, world: int, explicit: bool) -> Optional[str]:
         return None
     saved = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size)
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.expert_model_parallel_size = 1
+    p.expert_tensor_parallel_size = None
     p.sequence_parallel = False
     return (f"the checkpoint's layout (TP {saved[0]}, PP {saved[1]}, EP {saved[2]}) does not fit {world} "
             f"process(es): evaluating with TP 1, PP 1, EP 1 (the weights reshard on load)")

@@ -4,10 +4,13 @@ Library code never calls these: it receives process groups (a ``ProcessGroupColl
 the caller. Entry points (train, eval, tools) and the test helper call
 :func:`initialize_distributed` once, and :func:`destroy_parallel_state` when done.
 
-Expert tensor parallelism is fixed to 1: experts are never split over tensor-parallel ranks.
-Under TP the tensor-parallel ranks hold different sequence chunks (sequence parallelism is
-required for MoE with TP) and each routes its own chunk to whole experts; expert weights are
-replicated over the expert-data-parallel group, which then includes the TP ranks.
+Expert tensor parallelism (``--expert-tensor-parallel-size``, ETP) defaults to 1 here (Megatron-LM's
+default is the TP size): experts are whole on each rank. Under TP the tensor-parallel ranks hold
+different sequence chunks (sequence parallelism is required for MoE with TP) and each routes its
+own chunk to whole experts; expert weights are replicated over the expert-data-parallel group,
+which then includes the TP ranks. With ETP > 1 each expert's FFN is split over the ETP ranks
+(megatron's expert-TP group; :mod:`stablemoe_megatron.moe.expert_tp`), and the expert layout of
+the world is ETP x EP x expert-DP x PP, as in megatron's ``parallel_state``.
 """
 from __future__ import annotations
 
@@ -28,17 +31,19 @@ class ParallelSizes:
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
+    expert_tensor: int = 1  # ETP: each expert's FFN split over this many ranks
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor * self.pipeline)
 
     def validate(self, world_size: int) -> None:
         """Raise ConfigError (naming the flags) if this layout cannot tile ``world_size`` ranks."""
-        tp, pp, ep = self.tensor, self.pipeline, self.expert
+        tp, pp, ep, etp = self.tensor, self.pipeline, self.expert, self.expert_tensor
         for flag, size in (
             ("--tensor-model-parallel-size", tp),
             ("--pipeline-model-parallel-size", pp),
             ("--expert-model-parallel-size", ep),
+            ("--expert-tensor-parallel-size", etp),
         ):
             if size < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {size}")
@@ -47,11 +52,17 @@ class ParallelSizes:
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes"
             )
-        # With expert TP = 1, the expert layout is EP x expert-DP x PP over the same world.
-        if world_size % (ep * pp) != 0:
+        # The expert layout is ETP x EP x expert-DP x PP over the same world (megatron parallel_state).
+        if etp == 1 and world_size % (ep * pp) != 0:
             raise ConfigError(
                 f"world size {world_size} is not divisible by --expert-model-parallel-size {ep} x "
                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {ep * pp} processes"
+            )
+        if world_size % (etp * ep * pp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by --expert-tensor-parallel-size {etp} x "
+                f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size {pp}; launch a "
+                f"multiple of {etp * ep * pp} processes"
             )
 
 
@@ -125,7 +136,7 @@ def initialize_parallel_state(sizes: ParallelSizes, timeout_minutes: int = 30) -
         tensor_model_parallel_size=sizes.tensor,
         pipeline_model_parallel_size=sizes.pipeline,
         expert_model_parallel_size=sizes.expert,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=sizes.expert_tensor,
         distributed_timeout_minutes=timeout_minutes,
     )
     _create_host_expert_parallel_group()

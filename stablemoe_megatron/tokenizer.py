@@ -1,7 +1,7 @@
 """A small, offline tokenizer layer shared by the data tools, the trainer, evaluation and reports.
 
 ``build_tokenizer`` takes Megatron-LM's tokenizer flag names (``--tokenizer-type``,
-``--tokenizer-model``, ``--vocab-file``, ``--merge-file``) and returns an object with
+``--tokenizer-model``, ``--vocab-file``, ``--merge-file``, ``--vocab-size``) and returns an object with
 
 * ``tokenize(text) -> list[int]`` (no BOS/EOS added: the caller decides about end-of-document),
 * ``detokenize(ids) -> str``,
@@ -20,6 +20,12 @@ Supported types:
 * ``HuggingFaceTokenizer``: a local directory holding ``tokenizer.json`` (or that file itself), also
   via ``tokenizers``; ``eod`` is the ``eos_token`` of ``tokenizer_config.json`` or
   ``special_tokens_map.json`` next to it, else the first of a few common EOS spellings.
+* ``NullTokenizer``: no file, ``--vocab-size N``; Megatron-LM's ``_NullTokenizer``: the text IS the
+  token ids, written as integers separated by whitespace; ``vocab_size`` is ``N + 1`` and ``eod`` is
+  ``N`` (the one id it adds). For synthetic data (``--mock-data``), benchmarks and pre-tokenized
+  text. Megatron-LM splits on single spaces (``text.split(' ')``); this one splits on any whitespace,
+  which gives the same ids for every text Megatron-LM accepts and also reads line breaks, tabs and an
+  empty text (no ids). Ids outside ``[0, N]`` are refused (:class:`TokenIdError`).
 
 Everything is offline: nothing is downloaded. Tokenizer objects pickle as their serialised model
 (not as a path), so they can be sent to ``multiprocessing`` workers and rebuilt there cheaply.
@@ -31,11 +37,69 @@ from typing import List, Optional, Sequence
 
 from stablemoe_megatron.errors import ConfigError
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 GPT2_EOD_TOKEN = "<|endoftext|>"
 # Tried in order when a Hugging Face tokenizer directory does not declare its eos_token.
 COMMON_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+
+
+class TokenIdError(ConfigError):
+    """A text given to NullTokenizer holds something that is not a token id of its vocabulary (a
+    ConfigError, so a command line prints the one-line message; preprocess_data adds ``file:line``)."""
+
+
+class NullTextTokenizer:
+    """Megatron-LM's NullTokenizer: whitespace-separated integer ids; ``vocab_size = N + 1``, ``eod = N``.
+
+    ``N`` is ``--vocab-size``: the ids ``0 .. N-1`` are the "text" ids and ``N`` is the end-of-document
+    id it adds (megatron-core's ``NullTokenizer`` and Megatron-LM's ``_NullTokenizer`` alike).
+    """
+
+    tokenizer_type = "NullTokenizer"
+
+    def __init__(self, vocab_size: int):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ConfigError(f"--vocab-size {vocab_size}: NullTokenizer needs a positive number of token ids")
+        self._vocab_size_without_eod = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size_without_eod + 1
+
+    @property
+    def eod(self) -> int:
+        return self._vocab_size_without_eod
+
+    def tokenize(self, text: str) -> List[int]:
+        """``"3 1 4"`` -> ``[3, 1, 4]``; raises TokenIdError on a word that is not an id in ``[0, N]``."""
+        ids = []
+        for word in text.split():
+            try:
+                token_id = int(word)
+            except ValueError:
+                raise TokenIdError(f"{word[:40]!r} is not a token id: NullTokenizer reads integers "
+                                   "separated by whitespace") from None
+            if not 0 <= token_id < self.vocab_size:
+                raise TokenIdError(f"token id {token_id} is outside [0, {self.eod}] (--vocab-size "
+                                   f"{self._vocab_size_without_eod} plus the end-of-document id {self.eod})")
+            ids.append(token_id)
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return str(int(token_id))
+
+    def __getstate__(self):
+        return {"vocab_size": self._vocab_size_without_eod}
+
+    def __setstate__(self, state):
+        self.__init__(state["vocab_size"])
+
+    def __repr__(self) -> str:
+        return f"NullTextTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
 class SentencePieceTextTokenizer:
@@ -141,8 +205,21 @@ def build_tokenizer(
     tokenizer_model: Optional[str] = None,
     vocab_file: Optional[str] = None,
     merge_file: Optional[str] = None,
+    vocab_size: Optional[int] = None,
 ):
-    """Build a tokenizer from local files; raises ConfigError naming the flag and the fix on bad input."""
+    """Build a tokenizer from local files; raises ConfigError naming the flag and the fix on bad input.
+
+    ``vocab_size`` (``--vocab-size``) is NullTokenizer's size without its end-of-document id; the other
+    types read their vocabulary from their files and refuse it (Megatron-LM would ignore it silently,
+    leaving a run whose vocabulary is not the one asked for).
+    """
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None:
+            raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
+        return NullTextTokenizer(vocab_size)
+    if vocab_size is not None and tokenizer_type in TOKENIZER_TYPES:
+        raise ConfigError(f"--vocab-size {vocab_size} is only for --tokenizer-type NullTokenizer; "
+                          f"{tokenizer_type} takes its vocabulary from its files: drop --vocab-size")
     if tokenizer_type == "SentencePieceTokenizer":
         return _build_sentencepiece(tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":

@@ -3,7 +3,7 @@
     results = run_distributed(fn, world_size=2, tp=2, args=(x,))   # one return value per rank
 
 ``fn`` must be importable by module and name (a module-level function in a test file). Each rank
-runs ``fn(*args, **kwargs)`` after ``initialize_model_parallel(tp, pp, ep)`` and
+runs ``fn(*args, **kwargs)`` after ``initialize_model_parallel(tp, pp, ep, etp)`` and
 ``seed_everything(seed)``; parallel_state is destroyed afterwards (with its process groups, so a
 worker does not collect gloo threads). If any rank raises, the call raises
 :class:`DistributedTestError` carrying that rank's traceback. If the ranks do not all finish
@@ -40,6 +40,7 @@ class _Job:
     ep: int
     seed: int
     sys_path: List[str] = field(default_factory=list)
+    etp: int = 1
 
 
 def _run_job(job: _Job) -> Any:
@@ -55,7 +56,7 @@ def _run_job(job: _Job) -> Any:
         if path not in sys.path:
             sys.path.append(path)
     try:
-        initialize_parallel_state(ParallelSizes(job.tp, job.pp, job.ep), timeout_minutes=5)
+        initialize_parallel_state(ParallelSizes(job.tp, job.pp, job.ep, job.etp), timeout_minutes=5)
         seed_everything(job.seed)
         _reset_megatron_globals()
         return job.fn(*job.args, **job.kwargs)
@@ -96,13 +97,14 @@ def run_distributed(
     tp: int = 1,
     pp: int = 1,
     ep: int = 1,
+    etp: int = 1,
     args: Tuple = (),
     kwargs: Optional[Dict[str, Any]] = None,
     seed: int = 1234,
     timeout: float = 300.0,
 ) -> List[Any]:
-    """Run ``fn`` on ``world_size`` gloo ranks with parallel_state(tp, pp, ep); return per-rank results."""
-    job = _Job(fn, tuple(args), dict(kwargs or {}), tp, pp, ep, seed, list(sys.path))
+    """Run ``fn`` on ``world_size`` gloo ranks with parallel_state(tp, pp, ep, etp); return per-rank results."""
+    job = _Job(fn, tuple(args), dict(kwargs or {}), tp, pp, ep, seed, list(sys.path), etp)
     pool = _pools.get(world_size)
     if pool is not None and not pool.alive():
         pool.close()

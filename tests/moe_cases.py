@@ -5,8 +5,8 @@ VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
 
 
 def build(router="stablemoe", layout="paper", positions="middle", sublayers=2, num_layers=4,
-          distill=None, capacity=None, moe_options=None, **parallel):
-    """A tiny GPT with MoE layers; ``moe_options`` are further MoEConfig fields."""
+          distill=None, capacity=None, moe_options=None, model_options=None, **parallel):
+    """A tiny GPT with MoE layers; ``moe_options`` / ``model_options`` are further MoEConfig / ModelConfig fields."""
     from megatron.core import parallel_state as ps
 
     from stablemoe_megatron.model.config import ModelConfig
@@ -14,7 +14,9 @@ def build(router="stablemoe", layout="paper", positions="middle", sublayers=2, n
     from stablemoe_megatron.moe.config import MoEConfig
 
     model_cfg = ModelConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
-                            seq_length=SEQ, untie_embeddings_and_output_weights=True)
+                            seq_length=SEQ, untie_embeddings_and_output_weights=True,
+                            **{"hidden_dropout": 0.0, "attention_dropout": 0.0, "add_bias_linear": False,
+                               **(model_options or {})})
     moe = MoEConfig(num_experts=EXPERTS, router=router, layer_positions=positions,
                     layer_freq=2 if layout == "megatron" else None, sublayers_per_expert=sublayers,
                     distill_router=distill, expert_capacity_factor=capacity, **(moe_options or {}))

@@ -46,7 +46,8 @@ def _ffn_differences(activation):
     from stablemoe_megatron.moe.config import MoEConfig
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                            activation=activation)
+                            activation=activation, hidden_dropout=0.0, attention_dropout=0.0,
+                            add_bias_linear=False)
     # a zero fc2 (the default) outputs 0 under either activation: the check needs a non-zero expert
     moe = MoEConfig(num_experts=4, router="stablemoe", sublayers_per_expert=2, expert_output_init="normal")
     model = build_model(model_cfg, moe, 128, transformer_config(model_cfg, moe))

@@ -60,7 +60,7 @@ def test_bad_values_stop_the_trainer_with_one_line(argv, message, monkeypatch, c
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    code = main([*argv, "--data-path", "/nonexistent/never-read", "--num-experts", "4"])
+    code = main(["--config", "configs/tiny.yaml", *argv, "--data-path", "/nonexistent/never-read"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"stablemoe-train: error: {message}", err
 

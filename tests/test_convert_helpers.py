@@ -122,4 +122,6 @@ def base_flags(data: dict, *extra) -> list:
     return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
             "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "8",
             "--data-path", data["prefix"], "--split", "90,10,0", "--tokenizer-model", data["tokenizer_model"],
-            *[str(x) for x in extra]]
+            # the paper's settings where Megatron-LM's defaults differ (export needs bias-free linears)
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear",
+            "--clip-grad", "0.1", "--adam-beta2", "0.98", *[str(x) for x in extra]]

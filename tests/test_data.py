@@ -259,7 +259,7 @@ def test_token_range(tiny, tmp_path):
     data = make_config(tiny, valid_data_path=[tiny["valid_prefix"]]).data
     D.check_token_range(data, tiny["vocab_size"])
     with pytest.raises(ConfigError, match=r"token id \d+ is outside \[0, 100\): the data was tokenized with a "
-                                          r"larger vocabulary than --tokenizer-model's 100: re-run preprocess_data"):
+                                          r"larger vocabulary than the tokenizer's 100 ids: re-run preprocess_data"):
         D.check_token_range(data, 100)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

@@ -45,6 +45,8 @@ def test_layout_choice():
     from stablemoe_megatron.evaluate import choose_layout
 
     config = RunConfig()
+    config.model.num_layers, config.model.hidden_size, config.model.num_attention_heads = 2, 32, 4
+    config.model.seq_length = 32
     config.moe.num_experts = 4
     config.parallel.expert_model_parallel_size = 2
     note = choose_layout(config, 1, explicit=False)

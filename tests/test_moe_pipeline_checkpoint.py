@@ -128,7 +128,7 @@ def test_pipeline_parallel_2_equals_single_process(name):
     layers = {n for stage in stages for n in stage["routed"]}
     assert layers == set(ref["routed"])
     if case.get("layout") == "megatron":
-        assert set(first["routed"]) == {2} and set(last["routed"]) == {4}
+        assert set(first["routed"]) == {1} and set(last["routed"]) == {3}  # --moe-layer-freq 2: layers 1, 3
     else:
         assert first["routed"] == {} and set(last["routed"]) == {4}  # MoE block on the last stage only
     for stage in stages:

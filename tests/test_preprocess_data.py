@@ -1,5 +1,6 @@
-"""stablemoe-preprocess-data: round trips through IndexedDataset, bad input, empty input, atomic output,
-progress output for terminals and for log files."""
+"""stablemoe-preprocess-data: round trips through IndexedDataset, empty documents written byte for byte as
+Megatron-LM writes them, NullTokenizer input, bad input, empty input, atomic output, progress output for
+terminals and for log files."""
 import glob
 import gzip
 import io
@@ -32,7 +33,7 @@ def sp_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def documents():
-    """Real documents with two keys, plus edge cases: unicode, an empty text (left out)."""
+    """Real documents with two keys, plus edge cases: unicode, an empty text (an empty document)."""
     with open(os.path.join(CORPUS, "test.jsonl"), encoding="utf-8") as f:
         docs = [json.loads(line) for line in f][:12]
     docs.append({"text": "Grüße aus 東京 ☃\n\n  indented", "title": "unicode"})
@@ -49,21 +50,44 @@ def write_jsonl(path, docs, extra_lines=()):
     return str(path)
 
 
-def read_dataset(prefix):
+def read_dataset(prefix, mmap=True):
+    """(IndexedDataset, every document's ids: [] for an empty one). ``mmap=False`` reads an empty .bin."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    ds = IndexedDataset(prefix)
-    assert list(ds.document_indices) == list(range(len(ds) + 1))  # one sequence per document
-    return ds, [ds[i].tolist() for i in range(len(ds))]
+    ds = IndexedDataset(prefix, mmap=mmap)
+    bounds = [int(i) for i in ds.document_indices]
+    # one sequence per document with tokens; an empty document has none (its two bounds are equal)
+    assert all(end - begin in (0, 1) for begin, end in zip(bounds[:-1], bounds[1:])) and bounds[-1] == len(ds)
+    return ds, [ds[begin].tolist() if end > begin else [] for begin, end in zip(bounds[:-1], bounds[1:])]
 
 
 def expected_ids(tokenizer, texts, append_eod):
+    """Every document's ids; an empty text is an empty document, without eod even with --append-eod."""
     out = []
     for text in texts:
         ids = tokenizer.tokenize(text)
-        if ids:
-            out.append(ids + [tokenizer.eod] if append_eod else ids)
+        out.append(ids + [tokenizer.eod] if append_eod and ids else ids)
     return out
+
+
+def megatron_reference(prefix, tokenizer, texts, append_eod):
+    """Write ``prefix``.bin/.idx as Megatron-LM core_v0.16.1's tools/preprocess_data.py does without
+    --split-sentences: its ``Encoder.encode`` (one sentence per document; the eod only after tokens)
+    and ``IndexedDatasetBuilder.add_document(doc_ids, sentence_lens)`` for every document."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    for text in texts:
+        doc_ids, sentence_lens = [], []
+        sentence_ids = tokenizer.tokenize(text)
+        if len(sentence_ids) > 0:
+            doc_ids.extend(sentence_ids)
+            sentence_lens.append(len(sentence_ids))
+        if len(doc_ids) > 0 and append_eod:
+            doc_ids.append(tokenizer.eod)
+            sentence_lens[-1] += 1
+        builder.add_document(doc_ids, sentence_lens)
+    builder.finalize(prefix + ".idx")
 
 
 def final_and_temp_files(out_dir):
@@ -90,9 +114,49 @@ def test_jsonl_two_keys_round_trip(tmp_path, sp_model, documents, append_eod, wo
         assert got == expected_ids(tok, [d[key] for d in documents], append_eod)
     summary = capsys.readouterr().out
     total_tokens = sum(map(len, expected_ids(tok, [d["text"] for d in documents], append_eod)))
-    assert f"text: {len(documents) - 1} documents, {total_tokens} tokens, 1 empty" in summary
+    assert f"text: {len(documents)} documents (1 empty), {total_tokens} tokens -> " in summary
+    assert f"title: {len(documents)} documents, " in summary
     assert final_and_temp_files(tmp_path / "out") == sorted(
         f"ds_{k}_document.{e}" for k in ("text", "title") for e in ("bin", "idx"))
+
+
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_empty_texts_are_written_byte_for_byte_as_megatron_writes_them(tmp_path, sp_model, append_eod, capsys):
+    texts = ["", "First document.", "", "Second, after an empty one.", "", ""]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    prefix = str(tmp_path / "ds")
+    preprocess_data.main(["--input", src, "--output-prefix", prefix, "--tokenizer-type", SP,
+                          "--tokenizer-model", sp_model] + (["--append-eod"] if append_eod else []))
+    tok = build_tokenizer(SP, tokenizer_model=sp_model)
+    megatron_reference(str(tmp_path / "reference"), tok, texts, append_eod)
+    for suffix in (".bin", ".idx"):
+        with open(prefix + "_text_document" + suffix, "rb") as ours, open(tmp_path / f"reference{suffix}", "rb") as ref:
+            assert ours.read() == ref.read()
+    ds, got = read_dataset(prefix + "_text_document")
+    assert list(ds.document_indices) == [0, 0, 1, 1, 2, 2, 2]  # 6 documents, 2 sequences
+    eod = [tok.eod] if append_eod else []
+    assert got == [[], tok.tokenize(texts[1]) + eod, [], tok.tokenize(texts[3]) + eod, [], []]
+    assert "text: 6 documents (4 empty), " in capsys.readouterr().out
+
+
+def test_null_tokenizer_input_is_token_ids(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "ids.jsonl", [{"text": "3 1 4"}, {"text": ""}, {"text": "63\n64  0"}])
+    prefix = str(tmp_path / "ids")
+    preprocess_data.main(["--input", src, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", "64", "--append-eod"])
+    ds, got = read_dataset(prefix + "_text_document")
+    assert ds.index.dtype == np.uint16
+    assert got == [[3, 1, 4, 64], [], [63, 64, 0, 64]]  # eod = --vocab-size, also allowed in the text
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "1 2"}, {"text": "7 65"}])
+    with pytest.raises(SystemExit) as exc:
+        preprocess_data.main(["--input", bad, "--output-prefix", str(tmp_path / "out" / "ds"),
+                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "64"])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"stablemoe-preprocess-data: error: {bad}:2: 'text': token id 65 is outside [0, 64] "
+                      "(--vocab-size 64 plus the end-of-document id 64); fix or remove that line, or pass "
+                      "--skip-bad-lines"]
+    assert final_and_temp_files(tmp_path / "out") == []
 
 
 def test_plain_text_paragraphs_and_gzip_round_trip(tmp_path, sp_model):
@@ -249,12 +313,8 @@ EMPTY_FIX = "so no dataset was written; pass a file with at least one non-empty 
 @pytest.mark.parametrize("name, content, extra_argv, problem", [
     ("empty.jsonl", "", [], "no documents (the input is empty or only blank lines)"),
     ("blank_lines.txt", "\n  \n\n", [], "no documents (the input is empty or only blank lines)"),
-    ("empty_texts.jsonl", '{"text": ""}\n\n{"text": ""}\n{"text": ""}\n', [],
-     "no document has a non-empty 'text' (all 3 are empty)"),
-    ("all_bad.jsonl", '{"text": ""}\n{"text": 7}\n', ["--skip-bad-lines"],
-     "no document has a non-empty 'text' (1 empty, 1 skipped as bad by --skip-bad-lines)"),
-    ("empty_titles.jsonl", '{"text": "a", "title": ""}\n{"text": "b", "title": ""}\n', ["--json-keys", "text", "title"],
-     "no document has a non-empty 'title' (all 2 are empty)"),
+    ("all_bad.jsonl", '{"text": 7}\n{broken\n', ["--skip-bad-lines"],
+     "no documents (all 2 records were skipped as bad by --skip-bad-lines)"),
 ])
 def test_input_without_documents_exits_2_and_writes_nothing(tmp_path, sp_model, capsys, name, content, extra_argv,
                                                            problem):
@@ -268,6 +328,30 @@ def test_input_without_documents_exits_2_and_writes_nothing(tmp_path, sp_model, 
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert errors == [f"stablemoe-preprocess-data: error: --input {src}: {problem}, {EMPTY_FIX}"]
     assert final_and_temp_files(out_dir) == []
+
+
+@pytest.mark.parametrize("name, content, extra_argv, documents", [
+    ("empty_texts.jsonl", '{"text": ""}\n\n{"text": ""}\n{"text": ""}\n', [], {"text": 3}),
+    ("empty_and_bad.jsonl", '{"text": ""}\n{"text": 7}\n', ["--skip-bad-lines"], {"text": 1}),
+    ("empty_titles.jsonl", '{"text": "a", "title": ""}\n{"text": "b", "title": ""}\n', ["--json-keys", "text", "title"],
+     {"title": 2}),
+])
+def test_all_empty_documents_are_written_with_a_warning(tmp_path, sp_model, capsys, name, content, extra_argv,
+                                                        documents):
+    """Megatron-LM writes such a dataset (its documents have no sequence); so do we, and say that it is empty."""
+    src = tmp_path / name
+    src.write_text(content)
+    prefix = str(tmp_path / "ds")
+    preprocess_data.main(["--input", str(src), "--output-prefix", prefix, *extra_argv,
+                          "--tokenizer-type", SP, "--tokenizer-model", sp_model])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert warnings == [f"stablemoe-preprocess-data: warning: --input {src}: every {key!r} is empty ({n} documents, "
+                        "0 tokens); written as Megatron-LM writes it, but training cannot use it"
+                        for key, n in documents.items()]
+    for key, n in documents.items():
+        ds, got = read_dataset(f"{prefix}_{key}_document", mmap=False)
+        assert list(ds.document_indices) == [0] * (n + 1) and got == [[]] * n
+        assert os.path.getsize(f"{prefix}_{key}_document.bin") == 0
 
 
 def test_progress_to_a_log_file_is_plain_lines(tmp_path, sp_model):

@@ -23,6 +23,8 @@ def flags(data, out_dir, router="stablemoe", probe=True, **extra) -> list:
             "--num-experts", "4", "--moe-router", router, "--moe-sublayers-per-expert", "1",
             "--data-path", data["prefix"], "--split", "90,10,0", "--tokenizer-model", data["tokenizer_model"],
             "--log-interval", "2", "--eval-interval", "1000", "--eval-iters", "0", "--seed", "7",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear", "--clip-grad", "0.1",
+            "--adam-beta2", "0.98",
             "--metrics-file", str(Path(out_dir) / "metrics.jsonl"), "--tensorboard-dir", str(Path(out_dir) / "tb")]
     if router == "stablemoe":
         argv += ["--moe-stage2-start-iter", str(SWITCH_AT)]

@@ -12,6 +12,9 @@ def tiny_flags(data: dict, **overrides) -> list:
         "--moe-sublayers-per-expert": 1, "--moe-stage2-start-iter": 8,
         "--data-path": data["prefix"], "--split": "90,10,0", "--tokenizer-model": data["tokenizer_model"],
         "--log-interval": 1, "--eval-interval": 1000, "--eval-iters": 1, "--seed": 7,
+        # the paper's values where Megatron-LM's defaults differ (dropout would make layouts differ)
+        "--hidden-dropout": 0.0, "--attention-dropout": 0.0, "--disable-bias-linear": True,
+        "--clip-grad": 0.1, "--adam-beta2": 0.98,
     }
     flags.update({k: v for k, v in overrides.items() if v is not None})
     argv = []

@@ -3,18 +3,22 @@
 Layout (Megatron-LM's)::
 
     SAVE/iter_0000100/                 the dist_checkpointing (torch_dist) directory of iteration 100
+         common.pt                     its non-sharded entries, plus Megatron-LM's iteration,
+                                       checkpoint_version and args (see .megatron_lm)
          run_config.yaml               the resolved RunConfig (also used by eval and the tools)
          train_state.json              iteration, consumed samples, stage, parallel layout
     SAVE/latest_checkpointed_iteration.txt
 
 Publishing (:func:`write_iteration`, used by the trainer and by convert_checkpoint import/reshard):
-every rank writes into ``iter_XXXXXXX.tmp``; after all have finished, rank 0 adds the two files
-above (``train_state.json`` last: it marks the directory complete), renames the directory into
+every rank writes into ``iter_XXXXXXX.tmp``; after all have finished, rank 0 adds Megatron-LM's
+fields to ``common.pt`` and the two files above (``train_state.json`` last: it marks the
+directory complete), renames the directory into
 place (:func:`publish_dir`) and replaces the tracker (fsync, then ``os.replace``). A process killed
 mid-save leaves at most a ``.tmp`` directory (removed by the next save) and the previous
 checkpoint, which the tracker still names, loadable.
 
-Nothing here imports torch or the training code: the export tools read and write this format too.
+Nothing here imports the training code (the export tools read and write this format too), nor
+torch at import time (only the ``common.pt`` update does).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from stablemoe_megatron.checkpoint.megatron_lm import add_megatron_fields
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.runtime import barrier, global_rank
 
@@ -117,9 +122,11 @@ def write_iteration(root, iteration: int, write_payload: Callable[[Path], None],
     """Collective (every rank calls it): publish checkpoint ``iteration`` under ``root`` atomically.
 
     ``write_payload(directory)`` writes this rank's part (``dist_checkpointing.save``) into the
-    staging directory. Rank 0 then adds ``run_config.yaml`` and ``train_state.json``, publishes the
-    directory and moves the tracker. If anything raises, rank 0 removes the staging directory and
-    the exception propagates: the previous checkpoint and the tracker are untouched.
+    staging directory. Rank 0 then adds Megatron-LM's ``iteration``, ``checkpoint_version`` and
+    ``args`` to its ``common.pt`` (when the payload wrote one), ``run_config.yaml`` and
+    ``train_state.json``, publishes the directory and moves the tracker. If anything raises, rank 0
+    removes the staging directory and the exception propagates: the previous checkpoint and the
+    tracker are untouched.
     """
     final = iteration_dir(root, iteration)
     tmp = staging_dir(final)
@@ -133,6 +140,7 @@ def write_iteration(root, iteration: int, write_payload: Callable[[Path], None],
         write_payload(tmp)
         barrier()
         if first:
+            add_megatron_fields(tmp, config_yaml, train_state)
             (tmp / CONFIG_FILE).write_text(config_yaml)
             (tmp / STATE_FILE).write_text(train_state_text(train_state))
             publish_dir(tmp, final)

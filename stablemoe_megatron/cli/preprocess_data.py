@@ -2,18 +2,26 @@
 
 The flags follow Megatron-LM's ``tools/preprocess_data.py`` (``--input``, ``--json-keys``,
 ``--output-prefix``, ``--tokenizer-type``, ``--tokenizer-model``, ``--vocab-file``, ``--merge-file``,
-``--append-eod``, ``--workers``, ``--log-interval``). Differences, each for a reason:
+``--vocab-size``, ``--append-eod``, ``--workers``, ``--log-interval``), and so does the output:
+each document is one sequence, and a document whose text yields no tokens (an empty text) is kept
+as an empty document: it has an entry in the ``.idx`` document index and no sequence, and
+``--append-eod`` adds nothing to it (Megatron-LM appends the end-of-document id only to a document
+with tokens). Differences, each for a reason:
 
 * ``--input`` takes several files, ``.gz`` too, and plain-text files (a document is a block of
   non-blank lines, blocks separated by blank lines; see ``text_inputs``), so a book or a folder of
   text needs no conversion.
-* One sequence per document (no sentence splitting). A document whose text yields no tokens is left
-  out of that key's dataset and counted in the summary.
+* One sequence per document (no sentence splitting). Empty documents are counted in the summary; a
+  key whose documents are all empty is written (as Megatron-LM writes it) with a warning, since
+  nothing can be trained on it.
 * A malformed record (not JSON, key missing, value not a string, not UTF-8) stops the run with one
   ``file:line`` message and exit code 2; ``--skip-bad-lines`` skips and counts such records instead.
-* An input that yields no document for a key (an empty file, only blank lines, only empty texts,
-  or only records skipped by ``--skip-bad-lines``) stops the run with exit code 2 and writes
-  nothing: a 0-document dataset would only make training fail later, further from the cause.
+* An input that yields no document at all (an empty file, only blank lines, or only records skipped
+  by ``--skip-bad-lines``) stops the run with exit code 2 and writes nothing: a 0-document dataset
+  would only make training fail later, further from the cause.
+* ``--tokenizer-type NullTokenizer --vocab-size N``: the texts are token ids separated by whitespace
+  (see :mod:`stablemoe_megatron.tokenizer`); a word that is not an id in ``[0, N]`` is a malformed
+  record (``file:line``), like invalid JSON.
 * Progress goes to stderr: a tqdm bar on a terminal; otherwise (a log file, a Slurm job) a plain
   line every 30 s and one at the end, because a bar's carriage returns turn logs into garbage.
 * Output is written under temporary names next to the final ones and renamed into place
@@ -43,7 +51,7 @@ from stablemoe_megatron.cli.text_inputs import (
     iter_raw_records,
 )
 from stablemoe_megatron.errors import ConfigError, InputDataError
-from stablemoe_megatron.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from stablemoe_megatron.tokenizer import TOKENIZER_TYPES, TokenIdError, build_tokenizer
 
 PROG = "stablemoe-preprocess-data"
 MAX_REPORTED_BAD_LINES = 5
@@ -65,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", help="SentencePiece .model, or a directory with tokenizer.json")
     g.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
     g.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    g.add_argument("--vocab-size", type=int,
+                   help="NullTokenizer's number of token ids before its end-of-document id (which is this number)")
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document id to every document")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
@@ -96,12 +106,11 @@ class DatasetWriter:
         self.empty_documents = 0
 
     def add(self, token_ids: np.ndarray) -> None:
-        if len(token_ids) == 0:
-            self.empty_documents += 1
-            return
-        self._builder.add_document(token_ids, [len(token_ids)])
+        """One document as one sequence; an empty one as Megatron-LM writes it: no sequence, a document entry."""
+        self._builder.add_document(token_ids, [len(token_ids)] if len(token_ids) else [])
         self.documents += 1
         self.tokens += len(token_ids)
+        self.empty_documents += not len(token_ids)
 
     def finalize(self) -> None:
         """Write the temporary .idx (closes the temporary .bin)."""
@@ -183,8 +192,11 @@ def encode_record(record: RawRecord):
         return None, len(record.data), str(exc)
     ids_by_key = {}
     for key, text in texts.items():
-        ids = tokenizer.tokenize(text)
-        if ids and _WORKER_STATE["append_eod"]:
+        try:
+            ids = tokenizer.tokenize(text)
+        except TokenIdError as exc:  # NullTokenizer: the text is not token ids
+            return None, len(record.data), f"{record.path}:{record.line_no}: {key!r}: {exc}"
+        if ids and _WORKER_STATE["append_eod"]:  # Megatron-LM: no eod for a document without tokens
             ids.append(tokenizer.eod)
         ids_by_key[key] = np.asarray(ids, dtype=np.int32)
     return ids_by_key, len(record.data), None
@@ -292,24 +304,29 @@ def tokenize_into(writers: Dict[str, DatasetWriter], results, args, stats: RunSt
         progress.close()
 
 
-def check_not_empty(writers: Dict[str, DatasetWriter], args, stats: RunStats) -> None:
+def check_not_empty(args, stats: RunStats) -> None:
     """Refuse to write a 0-document dataset: training on it would fail later, far from the cause.
 
-    Raises InputDataError (exit code 2, nothing written) naming the input and saying why every
-    document was left out: no documents at all, all texts empty, or all records skipped as bad.
+    Raises InputDataError (exit code 2, nothing written) naming the input and saying why there is no
+    document: the input has none, or every record was skipped as bad. (Documents that are all empty
+    are written, as Megatron-LM writes them: see :func:`warn_all_empty`.)
     """
     where = f"--input {' '.join(args.input)}"
     fix = "so no dataset was written; pass a file with at least one non-empty document"
     if stats.records == 0:
         raise InputDataError(f"{where}: no documents (the input is empty or only blank lines), {fix}")
+    if stats.records == stats.bad_records:
+        raise InputDataError(f"{where}: no documents (all {stats.records} records were skipped as bad by "
+                             f"--skip-bad-lines), {fix}")
+
+
+def warn_all_empty(writers: Dict[str, DatasetWriter], args, stream=None) -> None:
+    """One warning line on ``stream`` (default stderr) per key whose documents are all empty."""
     for key, writer in writers.items():
-        if writer.documents:
-            continue
-        if not stats.bad_records:
-            why = f"all {writer.empty_documents} are empty"
-        else:
-            why = f"{writer.empty_documents} empty, {stats.bad_records} skipped as bad by --skip-bad-lines"
-        raise InputDataError(f"{where}: no document has a non-empty {key!r} ({why}), {fix}")
+        if writer.tokens == 0:
+            print(f"{PROG}: warning: --input {' '.join(args.input)}: every {key!r} is empty ({writer.documents} "
+                  "documents, 0 tokens); written as Megatron-LM writes it, but training cannot use it",
+                  file=stream or sys.stderr)
 
 
 def _check_args(args) -> None:
@@ -328,7 +345,8 @@ def run(args) -> RunStats:
     """Tokenize all inputs into the datasets; on any failure no final file is left behind."""
     _check_args(args)
     formats = check_inputs(args.input, args.input_format, args.json_keys)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+                                args.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     stats = RunStats()
     writers: Dict[str, DatasetWriter] = {}
@@ -349,7 +367,7 @@ def run(args) -> RunStats:
             results = pool.imap(encode_record, records, chunksize=args.chunksize)
         stats.started = time.time()  # after the (slow) megatron/torch import and the pool start
         tokenize_into(writers, results, args, stats)
-        check_not_empty(writers, args, stats)
+        check_not_empty(args, stats)
         for writer in writers.values():
             writer.finalize()
         commit_outputs(list(writers.values()))
@@ -362,6 +380,7 @@ def run(args) -> RunStats:
             pool.terminate()
             pool.join()
     stats.writers = writers
+    warn_all_empty(writers, args)
     return stats
 
 
@@ -371,8 +390,8 @@ def print_summary(stats: RunStats, args) -> None:
     print(f"{PROG}: {stats.records} records, {stats.bytes / 1e6:.2f} MB in {seconds:.1f} s "
           f"({stats.records / max(seconds, 1e-9):.0f} docs/s, {stats.bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s)")
     for key, w in stats.writers.items():
-        empty = f", {w.empty_documents} empty documents left out" if w.empty_documents else ""
-        print(f"  {key}: {w.documents} documents, {w.tokens} tokens{empty} -> {w.final_bin}, {w.final_idx}")
+        empty = f" ({w.empty_documents} empty)" if w.empty_documents else ""
+        print(f"  {key}: {w.documents} documents{empty}, {w.tokens} tokens -> {w.final_bin}, {w.final_idx}")
     if stats.bad_records:
         print(f"  skipped {stats.bad_records} bad records (--skip-bad-lines); first ones:")
         for example in stats.bad_examples:

@@ -76,6 +76,9 @@ def moe_export(run_config, stage: int) -> Optional[MoEExport]:
     moe, model = run_config.moe, run_config.model
     if not moe.enabled:
         return None
+    if moe.effective_router_topk != 1:
+        raise ConfigError(f"this checkpoint routes top-{moe.effective_router_topk} (--moe-router-topk); the exported "
+                          f"pure-torch model routes top-1 only: evaluate it with stablemoe-eval --load instead")
     placement = moe.moe_placement(model.num_layers)
     layers = [MoELayerPlacement(number - 1, where, moe.sublayers_per_moe_layer() if where != "mlp" else 1)
               for number, where in sorted(placement.items())]

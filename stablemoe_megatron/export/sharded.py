@@ -14,9 +14,9 @@ So the processes together hold the model once, whatever the layouts. megatron's
 
 The result holds the MODEL only (weights, hash tables, expert-choice thresholds; the training
 position: iteration, consumed samples, stage). Optimizer, LR-scheduler and RNG state are not
-converted: the trainer restores optimizer state only under the layout it was saved with, and the
-non-distributed optimizer's state is not layout-independent. ``train_state.json``'s layout is
-marked ``model_only``, so resuming training asks for ``--no-load-optim``; evaluation loads as is.
+converted (the trainer reshards a training checkpoint's optimizer state itself when resuming under
+another layout: convert only to export or to change the layout of a model). ``train_state.json``'s
+layout is marked ``model_only``, so resuming training asks for ``--no-load-optim``; evaluation loads as is.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def target_config(run_config, tp: int, pp: int, ep: int):
 
     config = replace(run_config, parallel=replace(
         run_config.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep, sequence_parallel=run_config.parallel.sequence_parallel or tp > 1))
+        expert_model_parallel_size=ep, sequence_parallel=run_config.parallel.sequence_parallel or tp > 1,
+        expert_tensor_parallel_size=None))  # the converter writes whole experts (ETP 1); they reshard
     ParallelSizes(tp, pp, ep).validate(min_world_size(tp, pp, ep))
     config.model.validate(tp)
     if config.model.num_layers % pp:

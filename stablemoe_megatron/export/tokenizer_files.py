@@ -8,6 +8,7 @@ SentencePieceTokenizer     ``tokenizer.model``
 GPT2BPETokenizer           ``vocab.json`` + ``merges.txt``
 HuggingFaceTokenizer       ``hf_tokenizer/`` (tokenizer.json and its tokenizer_config.json /
                            special_tokens_map.json when present)
+NullTokenizer              no file: its ``--vocab-size`` goes to config.json (``null_vocab_size``)
 =========================  ================================================================
 
 Paths moved since training can be given with ``tokenizer_files`` (``--tokenizer-model``,
@@ -53,6 +54,8 @@ def copy_tokenizer(data, dest, overrides: dict, vocab_rows: int) -> dict:
             if (folder / extra).is_file():
                 shutil.copyfile(folder / extra, dest / "hf_tokenizer" / extra)
         entry["tokenizer_model"] = "hf_tokenizer"
+    elif kind == "NullTokenizer":  # token ids as text: nothing to copy
+        entry["null_vocab_size"] = int(data.vocab_size)
     else:
         raise ConfigError(f"tokenizer type {kind!r} cannot be exported")
     tokenizer = load_tokenizer(dest, entry)
@@ -72,4 +75,5 @@ def load_tokenizer(export_dir, entry: dict):
     def path(name):
         return str(root / entry[name]) if entry.get(name) else None
 
-    return build_tokenizer(entry["tokenizer_type"], path("tokenizer_model"), path("vocab_file"), path("merge_file"))
+    return build_tokenizer(entry["tokenizer_type"], path("tokenizer_model"), path("vocab_file"), path("merge_file"),
+                           entry.get("null_vocab_size"))

@@ -16,44 +16,49 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.model.config import ModelConfig
-from stablemoe_megatron.model.specs import HAVE_TE, decoder_block_spec
+from stablemoe_megatron.model.specs import decoder_block_spec, use_transformer_engine
 from stablemoe_megatron.moe.config import MoEConfig
 from stablemoe_megatron.model.moe_host import MoEHost
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, *, tensor_parallel: int = 1,
                        pipeline_parallel: int = 1, expert_parallel: int = 1,
-                       sequence_parallel: bool = False, bf16: bool = False) -> TransformerConfig:
+                       sequence_parallel: bool = False, bf16: bool = False,
+                       fp16: bool = False) -> TransformerConfig:
     """megatron TransformerConfig for this model and layout.
 
-    Bias-free linear layers (megatron's MoE expert path requires ``add_bias_linear=False``); the
-    FFN activation of ``--activation`` (:func:`_activation_kwargs`).
+    Linear biases as ``--add-bias-linear`` / ``--disable-bias-linear`` (megatron adds each expert's
+    fc2 bias inside the expert; our routers stay bias-free); the FFN activation of ``--activation``
+    or ``--swiglu`` (:func:`_activation_kwargs`).
     Without CUDA: CPU initialisation, no fused kernels, and non-batched p2p (batched p2p gives
     wrong pipeline gradients under gloo; see docs/MEGATRON_CPU.md).
     """
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    cuda, te = torch.cuda.is_available(), use_transformer_engine(model.transformer_impl)
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     kwargs = dict(
         num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_size,
         num_attention_heads=model.num_attention_heads, hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout, init_method_std=model.init_method_std,
-        normalization=model.normalization, add_bias_linear=False,
+        normalization=model.normalization, add_bias_linear=model.add_bias_linear,
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
-        expert_model_parallel_size=expert_parallel, expert_tensor_parallel_size=1,
-        sequence_parallel=sequence_parallel, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size() or 1,  # the groups'
+        sequence_parallel=sequence_parallel, bf16=bf16, fp16=fp16, params_dtype=dtype, pipeline_dtype=dtype,
         batch_p2p_comm=cuda, use_cpu_initialization=not cuda,
-        gradient_accumulation_fusion=HAVE_TE, bias_activation_fusion=False, bias_dropout_fusion=cuda,
-        masked_softmax_fusion=HAVE_TE, persist_layer_norm=False, apply_rope_fusion=HAVE_TE,
+        gradient_accumulation_fusion=te, bias_activation_fusion=False, bias_dropout_fusion=cuda,
+        masked_softmax_fusion=te, persist_layer_norm=False, apply_rope_fusion=te,
     )
-    kwargs.update(_activation_kwargs(model.activation))
+    kwargs.update(_activation_kwargs(model.activation, model.swiglu))
     if moe.enabled:
-        kwargs.update(num_moe_experts=moe.num_experts, moe_router_topk=1, moe_router_pre_softmax=True,
+        kwargs.update(num_moe_experts=moe.num_experts, moe_router_topk=moe.effective_router_topk,
+                      moe_router_pre_softmax=moe.effective_router_pre_softmax,
                       moe_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size,
                       hetereogenous_dist_checkpoint=True)
+    kwargs.update(model.recompute_kwargs(pipeline_parallel, te))  # checked: ConfigError naming our flags
     return TransformerConfig(**kwargs)
 
 
-def _activation_kwargs(activation: str) -> dict:
+def _activation_kwargs(activation: str, swiglu: bool = False) -> dict:
     """TransformerConfig settings for ``--activation``; empty for gelu (megatron's default F.gelu).
 
     megatron's MLP and expert modules (SequentialMLP, TEGroupedMLP) apply ``config.activation_func``
@@ -63,6 +68,8 @@ def _activation_kwargs(activation: str) -> dict:
     kernel is selected; transformer-engine's own activation modules (``use_te_activation_func``)
     stay off too, so both backends call the torch function.
     """
+    if swiglu:  # Megatron-LM's --swiglu: fc1 [2 * ffn, h], SiLU(first half) * second half
+        return {"gated_linear_unit": True, "activation_func": torch.nn.functional.silu}
     if activation == "gelu":
         return {}
     if activation == "relu":
@@ -71,16 +78,19 @@ def _activation_kwargs(activation: str) -> dict:
 
 
 def transformer_config_for(run) -> TransformerConfig:
-    """megatron TransformerConfig of a RunConfig: its model, MoE, parallel layout and bf16 setting.
+    """megatron TransformerConfig of a RunConfig: its model, MoE, parallel layout and precision.
 
     The one translation of a run's settings, so a model built by the trainer and one built by the
     checkpoint converter for the same RunConfig have the same sharding.
     """
     p = run.parallel
-    return transformer_config(run.model, run.moe, tensor_parallel=p.tensor_model_parallel_size,
-                              pipeline_parallel=p.pipeline_model_parallel_size,
-                              expert_parallel=p.expert_model_parallel_size,
-                              sequence_parallel=p.sequence_parallel, bf16=run.training.bf16)
+    config = transformer_config(run.model, run.moe, tensor_parallel=p.tensor_model_parallel_size,
+                                pipeline_parallel=p.pipeline_model_parallel_size,
+                                expert_parallel=p.expert_model_parallel_size,
+                                sequence_parallel=p.sequence_parallel, bf16=run.training.bf16,
+                                fp16=run.training.fp16)
+    config.attention_softmax_in_fp32 = run.megatron.attention_softmax_in_fp32
+    return config
 
 
 class StableMoEGPTModel(MoEHost, GPTModel):
@@ -105,8 +115,8 @@ class StableMoEGPTModel(MoEHost, GPTModel):
 def build_model(model: ModelConfig, moe: MoEConfig, vocab_size: int, config: TransformerConfig,
                 host_ep_group=None, vp_stage: Optional[int] = None) -> StableMoEGPTModel:
     """This rank's pipeline stage of the GPT model (``vocab_size`` already padded)."""
-    spec = decoder_block_spec(config, moe, vocab_size, use_te=HAVE_TE, host_ep_group=host_ep_group,
-                              vp_stage=vp_stage)
+    spec = decoder_block_spec(config, moe, vocab_size, use_te=use_transformer_engine(model.transformer_impl),
+                              host_ep_group=host_ep_group, vp_stage=vp_stage)
     return StableMoEGPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
         max_sequence_length=model.max_positions,

@@ -1,7 +1,8 @@
 """Layer specs: megatron-core's GPT layer spec with our MoE layers placed as configured.
 
-Backends: transformer-engine when installed and CUDA is present (``HAVE_TE``), else megatron's
-local (plain torch) modules. With the local backend and no apex, megatron's ``WrappedTorchNorm``
+Backends (``--transformer-impl``, :func:`use_transformer_engine`): transformer-engine, or megatron's
+local (plain torch) modules; unset, transformer-engine when it imports and CUDA is present
+(``HAVE_TE``), else local. With the local backend and no apex, megatron's ``WrappedTorchNorm``
 refuses sequence parallelism; :class:`SequenceParallelTorchNorm` is the same torch norm with its
 parameters marked ``sequence_parallel`` so megatron all-reduces their grads over the TP group.
 """
@@ -22,17 +23,36 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.model.config import transformer_engine_missing
 from stablemoe_megatron.moe.block import TransformerLayerWithMoEBlock, TransformerLayerWithMoEBlockSubmodules
 from stablemoe_megatron.moe.config import MoEConfig
+from stablemoe_megatron.moe.experts import expert_spec_with_bias_fix
 from stablemoe_megatron.moe.layer import StableMoELayer
 from stablemoe_megatron.moe.routers import router_class
 
-try:  # optional: transformer-engine (GPU only)
-    import transformer_engine  # noqa: F401
+# optional: transformer-engine (GPU only), usable when it imports and CUDA is present
+HAVE_TE = transformer_engine_missing() is None
 
-    HAVE_TE = torch.cuda.is_available()
-except Exception:  # noqa: BLE001 - any import failure means "not usable"
-    HAVE_TE = False
+
+def use_transformer_engine(transformer_impl: Optional[str]) -> bool:
+    """Whether the layers are transformer-engine modules for ``--transformer-impl`` (None: ``HAVE_TE``).
+
+    ``local`` forces megatron's plain torch modules even where transformer-engine is usable;
+    ``transformer_engine`` where it cannot run is a ConfigError saying what is missing (also
+    checked by ``ModelConfig.validate``, before any work).
+    """
+    if transformer_impl is None:
+        return HAVE_TE
+    if transformer_impl == "local":
+        return False
+    if transformer_impl != "transformer_engine":
+        raise ConfigError(f"--transformer-impl must be local or transformer_engine, got {transformer_impl!r}")
+    missing = transformer_engine_missing()
+    if missing:
+        raise ConfigError(f"--transformer-impl transformer_engine cannot run here: {missing}. "
+                          f"Use --transformer-impl local")
+    return True
 
 
 class SequenceParallelTorchNorm:
@@ -74,7 +94,7 @@ def moe_layer_spec(moe: MoEConfig, vocab_size: int, use_te: bool, num_sublayers:
     router = functools.partial(router_class(moe.router), moe=moe, vocab_size=vocab_size)
     return ModuleSpec(
         module=StableMoELayer,
-        submodules=MoESubmodules(experts=megatron_moe.submodules.experts, router=router),
+        submodules=MoESubmodules(experts=expert_spec_with_bias_fix(megatron_moe.submodules.experts), router=router),
         params=dict(moe=moe, vocab_size=vocab_size, num_sublayers=num_sublayers, pre_norm=pre_norm,
                     host_ep_group=host_ep_group),
     )

@@ -8,7 +8,9 @@ after blocks L/(K+1), 2L/(K+1), ...). Megatron builds a decoder as a list of tra
 
     h_out = h + g_t * (z_K - h)          (see stablemoe_megatron.moe.experts)
 
-and lives on whichever pipeline stage holds that layer.
+and lives on whichever pipeline stage holds that layer. Activation recomputation follows from
+that: full recomputation re-runs the block with its layer, ``--recompute-modules moe`` checkpoints
+the block's MoE layer (:class:`~stablemoe_megatron.moe.layer.StableMoELayer` does both correctly).
 """
 from __future__ import annotations
 

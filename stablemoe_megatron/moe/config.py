@@ -6,11 +6,12 @@ Megatron-LM's ``--moe-*`` convention where Megatron has the same knob.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional, Union
 
 from stablemoe_megatron.errors import ConfigError
-from stablemoe_megatron.routing.registry import distillable_names, get_routing, routing_names
+from stablemoe_megatron.routing.registry import distillable_names, get_routing, routing_names, topk_names
 
 # The --moe-router choices, from the routing registry (stablemoe_megatron.routing.registry; listing
 # them imports nothing). Facts about a router (distillable, its default distilled router) come from
@@ -27,6 +28,45 @@ DISTILLATION_OPTIONS = ("distill_teacher", "distill_embedding_init", "eval_routi
 EXPERT_OUTPUT_INITS = ("normal", "zero")
 CENTROID_INITS = ("normal", "orthogonal")
 BALANCE_COUNT_SCOPES = ("micro-batch", "data-parallel")
+TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
+_PATTERN_CHARS = re.compile(r"[\[\]()0-9+*, ]+")
+
+
+def parse_layer_freq(text):
+    """``--moe-layer-freq`` as Megatron-LM reads it: an int k (every k-th layer, from the first), or a
+    Python list expression of 0/1 per layer such as ``"([0]+[1]*3)"`` -> ``[0, 1, 1, 1]``."""
+    if isinstance(text, (int, list)):
+        return text
+    text = str(text).strip()
+    if "[" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--moe-layer-freq {text!r}: an integer k, or a list pattern such as "
+                              f"\"([0]+[1]*3)\"") from None
+    if not _PATTERN_CHARS.fullmatch(text):
+        raise ConfigError(f"--moe-layer-freq {text!r}: a list pattern may hold only [ ] ( ) digits + * and commas")
+    try:
+        value = eval(text, {"__builtins__": {}}, {})  # noqa: S307 - characters checked above
+    except Exception as exc:  # noqa: BLE001 - any syntax error is the same bad input
+        raise ConfigError(f"--moe-layer-freq {text!r} is not a list expression ({exc})") from None
+    if not isinstance(value, list) or any(v not in (0, 1) for v in value):
+        raise ConfigError(f"--moe-layer-freq {text!r} must give a list of 0 (dense) and 1 (MoE), got {value}")
+    return value
+
+
+def layer_freq_argument(text: str):
+    """The command-line value of --moe-layer-freq: an int when it is one, else the pattern text
+    (checked by :meth:`MoEConfig.validate`, so a bad pattern gets our message, not argparse's)."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def layer_pattern(freq, num_layers: int) -> List[int]:
+    """[0/1 per layer] of ``--moe-layer-freq`` (Megatron-LM: layer i (0-based) is MoE when i % k == 0)."""
+    freq = parse_layer_freq(freq)
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    return list(freq)
 
 
 @dataclass
@@ -35,14 +75,27 @@ class MoEConfig:
 
     num_experts: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "number of experts; absent = dense model"})
     router: str = field(default="stablemoe", metadata={"help": "routing algorithm", "choices": ROUTERS})
+    router_topk: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
+        "help": "experts per token k (Megatron-LM's TopKRouter); k > 1 only with a router that can send "
+                "a token to several experts (switch: the k largest of softmax(W h), Megatron's aux-loss "
+                "normalisation, capacity ceil(T*k*c/N)); absent: 1 for every "
+                "router here (the paper's routers are top-1; Megatron-LM uses 2)"})
+    router_pre_softmax: Optional[bool] = field(default=None, metadata={
+        "help": "top-k gates: the chosen experts' probabilities of the softmax over all experts "
+                "(--moe-router-pre-softmax, as Megatron-LM's flag) or the softmax over the k chosen "
+                "logits, which sum to 1 (--no-moe-router-pre-softmax); absent: Megatron-LM's "
+                "default, the softmax over the k chosen for k > 1 and over all experts for k = 1 "
+                "(required there: one chosen logit's softmax is always 1)"})
     # --- where the MoE layers go -------------------------------------------------------------
     layer_positions: str = field(default="middle", metadata={
         "help": "paper layout: one MoE block of stacked sublayers after block L/2 (middle), before "
                 "block 1 (bottom), after block L (top), or its sublayers scattered after blocks "
                 "L/(K+1)*j (scattered)", "choices": LAYER_POSITIONS})
-    layer_freq: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
-        "help": "Megatron layout: the MLP of every k-th transformer layer is an MoE layer of "
-                "single-FFN experts; when set, the paper layout is not used"})
+    layer_freq: Optional[Union[int, List[int]]] = field(default=None, metadata={"parse": layer_freq_argument,
+        "help": "Megatron layout (Megatron-LM's meaning): the MLPs of layers 1, k+1, 2k+1, ... are MoE "
+                "layers of single-FFN experts, or a list pattern of 0/1 per layer such as "
+                "\"([0]+[1]*3)\"; when set, the paper layout is not used (absent: the paper's MoE block; "
+                "Megatron-LM's default is MoE in every layer)"})
     sublayers_per_expert: int = field(default=3, metadata={"range": "[1, inf)",
         "help": "paper layout: each expert is a stack of K pre-LayerNorm FFN sublayers"})
     expert_ffn_hidden_size: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
@@ -50,7 +103,8 @@ class MoEConfig:
     # --- losses ------------------------------------------------------------------------------
     balance_loss_coeff: float = field(default=0.3, metadata={"range": "[0, inf)", "help": "StableMoE balance loss alpha"})
     distill_loss_coeff: float = field(default=0.3, metadata={"range": "[0, inf)", "help": "distillation loss weight (stage 1; the authors' --distill-factor 0.3; the paper's eq. 11 has none, i.e. 1)"})
-    aux_loss_coeff: float = field(default=0.01, metadata={"range": "[0, inf)", "help": "Switch load-balancing loss weight"})
+    aux_loss_coeff: float = field(default=0.01, metadata={"range": "[0, inf)", "megatron_list": True,
+        "help": "Switch load-balancing loss weight (one value; Megatron-LM takes one per balancing type)"})
     z_loss_coeff: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "router z-loss weight (switch, expert-choice)"})
     # --- distil-and-freeze -------------------------------------------------------------------
     distill_router: Optional[str] = field(default=None, metadata={
@@ -81,6 +135,11 @@ class MoEConfig:
         "help": "expert FFN output projection (fc2) init: N(0, --init-method-std/sqrt(2L)) (normal) "
                 "or zero (the authors': every MoE layer starts as the identity)",
         "choices": EXPERT_OUTPUT_INITS})
+    use_upcycling: bool = field(default=False, metadata={
+        "help": "with --pretrained-checkpoint (or --load --finetune) of a dense model: every expert starts "
+                "as a copy of the dense MLP it grows from (Megatron layout: the MLP it replaces; paper "
+                "layout: the MLP of the layer the MoE block is attached to, fc2 as "
+                "--moe-expert-output-init), the router fresh"})
     centroid_init: str = field(default="orthogonal", metadata={
         "help": "router weight [N, d] (centroids, or the switch / expert-choice projection) and "
                 "distilled centroids init: N(0, --init-method-std) and N(0, 0.02) (normal), or "
@@ -110,6 +169,9 @@ class MoEConfig:
                 "micro-batches of all data-parallel ranks in this forward (data-parallel, the "
                 "authors' code; each rank's loss keeps its own tokens' gates and the ranks' mean "
                 "is the loss over all their tokens)", "choices": BALANCE_COUNT_SCOPES})
+    token_dispatcher_type: str = field(default="alltoall", metadata={"choices": TOKEN_DISPATCHERS,
+        "help": "token dispatcher: alltoall, and allgather (Megatron-LM's default) accepted as the same "
+                "all-to-all exchange (identical results); flex (DeepEP) is not supported"})
     # --- router-specific ---------------------------------------------------------------------
     hash_table: str = field(default="random", metadata={
         "help": "hash router table: random (seeded, balanced over ids) or frequency (balanced "
@@ -162,6 +224,19 @@ class MoEConfig:
             return self.distill_router
         return get_routing(self.router).default_distill_router if self.router in ROUTERS else None
 
+    @property
+    def effective_router_topk(self) -> int:
+        """--moe-router-topk, or the router's default: 1 (every router here is top-1 by default)."""
+        return self.router_topk if self.router_topk is not None else 1
+
+    @property
+    def effective_router_pre_softmax(self) -> bool:
+        """--moe-router-pre-softmax / --no-moe-router-pre-softmax, or Megatron-LM's default: the
+        softmax after the top-k (False) for k > 1; before it (True) for k = 1."""
+        if self.router_pre_softmax is not None:
+            return self.router_pre_softmax
+        return self.effective_router_topk == 1
+
     def validate(self, num_layers: int, train_iters: Optional[int] = None) -> None:
         """Raise ConfigError naming the flag for any inconsistent setting."""
         if not self.enabled:
@@ -172,8 +247,10 @@ class MoEConfig:
             raise ConfigError(f"--moe-router {self.router!r} is not one of {', '.join(ROUTERS)}")
         if self.layer_positions not in LAYER_POSITIONS:
             raise ConfigError(f"--moe-layer-positions must be one of {', '.join(LAYER_POSITIONS)}")
-        if self.layer_freq is not None and not 1 <= self.layer_freq <= num_layers:
-            raise ConfigError(f"--moe-layer-freq must be in 1..--num-layers ({num_layers}), got {self.layer_freq}")
+        self._validate_layer_freq(num_layers)
+        if self.token_dispatcher_type == "flex":
+            raise ConfigError("--moe-token-dispatcher-type flex is not supported: it needs DeepEP on GPUs; "
+                              "use alltoall (allgather is accepted and runs the same exchange)")
         if self.sublayers_per_expert < 1:
             raise ConfigError("--moe-sublayers-per-expert must be >= 1")
         if (not self.megatron_layout and self.layer_positions == "scattered"
@@ -207,6 +284,19 @@ class MoEConfig:
             raise ConfigError("--moe-distill-layers must be 1, 2 or 3")
         if self.distill_dim < 1:
             raise ConfigError("--moe-distill-dim must be >= 1")
+        self._validate_topk()
+
+    def _validate_layer_freq(self, num_layers: int) -> None:
+        if self.layer_freq is None:
+            return
+        freq = parse_layer_freq(self.layer_freq)
+        if isinstance(freq, int) and not 1 <= freq <= num_layers:
+            raise ConfigError(f"--moe-layer-freq must be in 1..--num-layers ({num_layers}), got {freq}")
+        if isinstance(freq, list) and len(freq) != num_layers:
+            raise ConfigError(f"--moe-layer-freq pattern has {len(freq)} entries for --num-layers {num_layers}: "
+                              f"give one 0/1 per layer")
+        if isinstance(freq, list) and not any(freq):
+            raise ConfigError("--moe-layer-freq pattern has no MoE layer (no 1): drop --num-experts for a dense model")
 
     def _validate_init_options(self, distill: Optional[str]) -> None:
         """Choices of the authors'-recipe options (from the fields' ``choices``).
@@ -224,6 +314,25 @@ class MoEConfig:
         if not self.centroid_init_gain > 0:
             raise ConfigError("--moe-centroid-init-gain must be > 0")
 
+    def _validate_topk(self) -> None:
+        """--moe-router-topk: 1..--num-experts, k > 1 only for routers whose registry entry
+        ``supports_topk``; --no-moe-router-pre-softmax only with k > 1 (as Megatron-LM)."""
+        k = self.effective_router_topk
+        if k < 1:
+            raise ConfigError(f"--moe-router-topk must be >= 1, got {k}")
+        if k > self.num_experts:
+            raise ConfigError(f"--moe-router-topk {k} is more than --num-experts {self.num_experts}: a token "
+                              f"cannot go to more experts than there are; lower --moe-router-topk")
+        if k > 1 and not get_routing(self.router).supports_topk:
+            names = topk_names()
+            raise ConfigError(
+                f"--moe-router-topk {k} needs a router that sends a token to several experts "
+                f"({', '.join(names)}); --moe-router {self.router} does not: use --moe-router "
+                f"{' or '.join(names)}, or drop --moe-router-topk (top-1)")
+        if self.router_pre_softmax is False and k == 1:
+            raise ConfigError("--no-moe-router-pre-softmax needs --moe-router-topk > 1: the softmax over one "
+                              "chosen logit is always 1 (Megatron-LM refuses it too); drop it")
+
     def moe_placement(self, num_layers: int) -> dict:
         """{1-based transformer layer number: where} for every MoE layer.
 
@@ -233,7 +342,8 @@ class MoEConfig:
         if not self.enabled:
             return {}
         if self.megatron_layout:
-            return {n: "mlp" for n in range(1, num_layers + 1) if n % self.layer_freq == 0}
+            pattern = layer_pattern(self.layer_freq, num_layers)
+            return {n: "mlp" for n in range(1, num_layers + 1) if pattern[n - 1]}
         if self.layer_positions == "middle":
             return {max(1, num_layers // 2): "after"}
         if self.layer_positions == "bottom":
@@ -242,6 +352,32 @@ class MoEConfig:
             return {num_layers: "after"}
         k = self.sublayers_per_expert
         return {(num_layers * j) // (k + 1): "after" for j in range(1, k + 1)}
+
+    def layout_summary(self, num_layers: int) -> str:
+        """One line: where the MoE layers are and what they hold (printed at start-up, saved with the config).
+
+        e.g. ``MoE layout: paper block after layer 2 of 4 | 4 experts x 2 FFN sublayers | router stablemoe
+        top-1, distilled wordemb, stage 2 from iteration 100 | capacity factor 2``.
+        """
+        if not self.enabled:
+            return "MoE layout: none (dense model)"
+        placement = self.moe_placement(num_layers)
+        layers = ",".join(str(n) for n in sorted(placement))
+        if self.megatron_layout:
+            where = f"Megatron layout: the MLP of layer(s) {layers} of {num_layers}"
+        else:
+            kind = sorted(set(placement.values()))[0]
+            where = f"paper layout ({self.layer_positions}): MoE block {kind} layer(s) {layers} of {num_layers}"
+        topk = self.effective_router_topk
+        distill = self.effective_distill_router
+        routing = f"router {self.router} top-{topk}"
+        if distill is not None:
+            stage2 = f"stage 2 from iteration {self.stage2_start_iter}" if self.stage2_start_iter is not None \
+                else "no stage 2"
+            routing += f", distilled {distill}, {stage2}"
+        capacity = self.effective_capacity_factor
+        return (f"MoE layout: {where} | {self.num_experts} experts x {self.sublayers_per_moe_layer()} FFN "
+                f"sublayer(s) | {routing} | capacity factor {capacity if capacity is not None else 'none'}")
 
     def sublayers_per_moe_layer(self) -> int:
         """Expert stack depth of each MoE layer: K in the paper layout (1 if scattered), else 1."""

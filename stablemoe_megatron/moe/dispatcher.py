@@ -2,8 +2,9 @@
 
 The routers produce *pairs* rather than a dense routing map: ``token_index[A]`` and
 ``expert_index[A]`` (global expert ids) with ``gates[A]``. Top-1 routing gives one pair per token
-(fewer when tokens are dropped by capacity), Expert Choice gives k pairs per expert (a token may
-appear 0..N times). One mechanism serves all of them:
+(fewer when tokens are dropped by capacity), top-k routing (``--moe-router-topk``) k pairs per
+token (token-major, fewer after dropping), Expert Choice k pairs per expert (a token may appear
+0..N times). One mechanism serves all of them:
 
 1. sort the pairs by expert (stable) and gather the hidden states: ``[A, h]``;
 2. expert parallelism: experts are sharded contiguously over the EP ranks (rank r holds experts
@@ -12,8 +13,10 @@ appear 0..N times). One mechanism serves all of them:
    rows, ordered (source rank, local expert), are regrouped to (local expert, source rank) so
    each local expert's tokens are contiguous;
 3. the experts run on ``tokens_per_local_expert`` (a CPU tensor, as megatron's expert MLPs need);
-4. ``combine`` inverts 2, multiplies by the gates and sums into the token rows (``index_add``),
-   so a token routed nowhere (dropped, or unpicked by Expert Choice) gets zeros: its residual only.
+4. ``combine`` inverts 2, multiplies by the gates and sums into the token rows (``index_add``):
+   a token with several pairs (top-k, Expert Choice) gets the gate-weighted sum of its experts'
+   outputs, and its hidden state's gradient the sum over its pairs (the backward of the gather in
+   1); a token routed nowhere (dropped, or unpicked by Expert Choice) gets zeros: its residual only.
 
 When every token has exactly one pair (``one_pair_per_token``: top-1 routing without dropping,
 hash, StableMoE stage 2), the sort is a permutation P of the tokens: dispatch is ``x[P]`` and
@@ -23,8 +26,8 @@ no scatter-add, which the general path needs in both directions). Same values, b
 Device-to-host synchronisation: the split sizes of the all-to-all and the per-expert counts must be
 host integers. With learned routing they are computed on the device and copied once per layer
 call (one sync). When the caller already knows the counts on the host (``host_tokens_per_expert``:
-StableMoE stage 2 and hash routing, whose expert is a function of the token id and is computed from
-the CPU copy of the batch), there is no device-to-host copy at all; under EP the ranks exchange their
+StableMoE stage 2, distilled top-k stage 2 and hash routing, whose experts are a function of the
+token id and are computed from the CPU copy of the batch), there is no device-to-host copy at all; under EP the ranks exchange their
 host counts over a CPU (gloo) group instead.
 """
 from __future__ import annotations

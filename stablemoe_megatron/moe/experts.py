@@ -12,8 +12,14 @@ Each sublayer is one megatron-core expert module (``SequentialMLP`` with the loc
 own ``sharded_state_dict`` maps local experts to global expert ids for checkpoints, and marks
 expert parameters (``allreduce=False``) so DDP reduces them over the expert-data-parallel group.
 The gate is applied by the dispatcher's ``combine``, so the experts get probabilities of one.
+
+Expert tensor parallelism (``--expert-tensor-parallel-size`` t > 1): megatron builds each expert's
+fc1 / fc2 as column / row shards over the expert-TP group; :mod:`.expert_tp` gathers the group's
+rows around the stack and gives back this rank's. The norms are replicated over the group.
 """
 from __future__ import annotations
+
+import copy
 
 import re
 
@@ -21,6 +27,8 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import build_module
+
+from stablemoe_megatron.moe.expert_tp import ExpertTensorParallel, whole_ffn
 
 
 class ExpertLayerNorms(SequentialMLP):
@@ -41,20 +49,29 @@ class ExpertLayerNorms(SequentialMLP):
             [_NormModule(norm_cls(config.hidden_size, eps=config.layernorm_epsilon), config)
              for _ in range(num_local_experts)]
         )
+        first_of_group = self.tp_group is None or self.tp_group.rank() == 0
         for param in self.parameters():
             param.allreduce = False  # an expert parameter: reduced over the expert-DP group
+            # megatron's grad norm sums expert grads over the expert-TP x EP x PP group and counts
+            # a parameter that is not tensor-parallel only on attention-TP rank 0: count these
+            # replicas exactly once per expert-TP group instead, whatever the attention-TP rank.
+            if first_of_group:
+                param.tensor_model_parallel = True
+            else:
+                param.shared = True
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """SequentialMLP's expert mapping, with the TP part of each replica id set to 0.
+        """SequentialMLP's expert mapping, with the expert-TP rank as the TP part of each replica id.
 
         The norms are built as plain (non-TP) modules, so megatron labels them with the attention
-        TP rank; with expert TP = 1 the TP ranks of an EP group hold DIFFERENT experts (as
-        megatron's expert weights, whose replica ids use the expert-TP rank, 0), not copies.
+        TP rank; but the attention-TP ranks of an EP group hold DIFFERENT experts (or replicas
+        counted in the expert-DP part), while the expert-TP ranks hold copies of the same norms.
         """
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        etp_rank = self.tp_group.rank() if self.tp_group is not None else 0
         for tensor in sharded.values():
             pp, _, dp = tensor.replica_id
-            tensor.replica_id = (pp, 0, dp)
+            tensor.replica_id = (pp, etp_rank, dp)
         return sharded
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -96,6 +113,28 @@ def _expert_weight_id(name: str):
     return int(match.group(2)), int(match.group(1))
 
 
+def expert_spec_with_bias_fix(experts_spec):
+    """The local backend's expert spec whose fc2 hands back a fresh tensor when it has a bias.
+
+    With linear biases, megatron's expert MLP adds the fc2 bias in place
+    (``output += bias * probs``, megatron/core/transformer/mlp.py); without expert parallelism the
+    local RowParallelLinear returns its input of the (size-1) reduce as-is, a view autograd forbids
+    modifying in place. :class:`ExpertRowParallelLinear` returns a copy in that case only.
+    """
+    submodules = getattr(experts_spec, "submodules", None)
+    fc2 = getattr(submodules, "linear_fc2", None)
+    if fc2 is None or not isinstance(fc2, type) or fc2.__name__ != "RowParallelLinear":
+        return experts_spec  # transformer-engine's modules (grouped GEMM refuses biases itself)
+    spec = copy.deepcopy(experts_spec)
+    spec.submodules.linear_fc2 = type("ExpertRowParallelLinear", (fc2,), {"forward": _fc2_forward})
+    return spec
+
+
+def _fc2_forward(self, input_, *args, **kwargs):
+    output, bias = super(type(self), self).forward(input_, *args, **kwargs)
+    return (output.clone() if bias is not None else output), bias
+
+
 class ExpertStack(MegatronModule):
     """K sublayers of every local expert; returns each row's change ``z_K - input`` (see module doc).
 
@@ -123,11 +162,16 @@ class ExpertStack(MegatronModule):
             self.norms = torch.nn.ModuleList([
                 ExpertLayerNorms(config, num_local_experts, pg_collection) for _ in range(num_sublayers)
             ]) if pre_norm else None
-        # megatron marks expert weights allreduce=False only when EP > 1; with our expert TP of 1
-        # the TP ranks route different tokens through replicas of the experts, so the grads must
-        # always be reduced over the expert-data-parallel group (which includes the TP ranks).
+        # megatron marks expert weights allreduce=False only when EP > 1; with expert TP 1 the TP
+        # ranks route different tokens through replicas of the experts, so the grads must always be
+        # reduced over the expert-data-parallel group (which then includes the TP ranks). With
+        # expert TP > 1 each shard already holds the gradient of every row the group gathered.
         for param in self.parameters():
             param.allreduce = False
+        etp_group = getattr(pg_collection, "expt_tp", None)
+        self.etp_size = etp_group.size() if etp_group is not None else 1
+        self.etp_rank = etp_group.rank() if etp_group is not None else 0
+        self.expert_tp = ExpertTensorParallel(etp_group, replicated=pre_norm) if self.etp_size > 1 else None
 
     @torch.no_grad()
     def initialize(self, seed: int, layer_number: int, output_init: str = "normal") -> None:
@@ -142,6 +186,8 @@ class ExpertStack(MegatronModule):
         adds 0 and each expert stack starts as the identity (``z_K - h = 0``): the MoE layer's
         output is 0 at step 0, while fc2 still gets gradients (fc1's are 0 until fc2 moves).
         Every draw uses its own seeded generator, so the choice changes no other weight.
+        Under expert TP the whole weight is drawn and this rank keeps its shard, so the initial
+        model is also independent of the expert-TP size.
         """
         if output_init not in ("normal", "zero"):
             raise ValueError(f"expert output init must be normal or zero, got {output_init!r}")
@@ -155,22 +201,40 @@ class ExpertStack(MegatronModule):
                     continue
                 expert = self.first_expert + local
                 init = self.config.init_method if fc == 1 else self.config.output_layer_init_method
-                value = torch.empty(param.shape, dtype=torch.float32)
+                shape = list(param.shape)
+                shape[0 if fc == 1 else 1] *= self.etp_size  # fc1 [F, h] column-, fc2 [h, F] row-parallel
+                value = torch.empty(shape, dtype=torch.float32)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(hash((seed, layer_number, sublayer_index, expert, fc)) % (2 ** 62))
                     init(value)
-                param.copy_(value)
+                param.copy_(self._shard(value, fc))
+
+    def _shard(self, value: torch.Tensor, fc: int) -> torch.Tensor:
+        """This expert-TP rank's part of a whole expert weight, as megatron's layers split it: fc2
+        [h, F] by columns; fc1 [F, h] by rows, and a gated unit's [2F, h] as the same rows of both
+        halves (megatron's GLU layer takes the first half of its local output as the gate)."""
+        if self.etp_size == 1:
+            return value
+        if fc == 2:
+            return value.chunk(self.etp_size, dim=1)[self.etp_rank]
+        halves = value.chunk(2, dim=0) if self.config.gated_linear_unit else (value,)
+        return torch.cat([half.chunk(self.etp_size, dim=0)[self.etp_rank] for half in halves])
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """hidden [R, h] grouped by local expert; tokens_per_expert [L] CPU long -> [R, h]."""
+        if self.expert_tp is not None:
+            return self.expert_tp.run(self._stack, hidden, tokens_per_expert)
+        return self._stack(hidden, tokens_per_expert, whole_ffn)
+
+    def _stack(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, ffn) -> torch.Tensor:
+        """The stack's change of rows [R, h]; ``ffn(expert module, rows, counts, probs)`` runs one
+        sublayer's expert FFNs (:mod:`.expert_tp`: whole, or a shard summed over the expert-TP group)."""
         ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         if not self.pre_norm:
-            out, _ = self.sublayers[0](hidden, tokens_per_expert, ones)
-            return out
+            return ffn(self.sublayers[0], hidden, tokens_per_expert, ones)
         state = hidden
         for norm, sublayer in zip(self.norms, self.sublayers):
-            out, _ = sublayer(norm(state, tokens_per_expert), tokens_per_expert, ones)
-            state = state + out
+            state = state + ffn(sublayer, norm(state, tokens_per_expert), tokens_per_expert, ones)
         return state - hidden
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

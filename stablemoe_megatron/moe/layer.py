@@ -5,18 +5,32 @@ Used in both layouts (see :mod:`stablemoe_megatron.moe.specs`): as the MLP of a 
 :class:`~stablemoe_megatron.moe.block.MoEBlock` (paper layout, K-deep expert stacks).
 
 Token ids: megatron's transformer layers pass only hidden states to the MLP, so the model hands
-the micro-batch's token ids ``[B, S]`` to every MoE layer before each forward
-(:meth:`StableMoELayer.set_token_ids`, done by :class:`stablemoe_megatron.model.StableMoEGPTModel`
-on every pipeline stage). The layer takes the rows matching its hidden states ``[S_local, B, h]``
-(its sequence-parallel shard) itself. The ids are read during the forward only, so this is safe
-with pipelining; full activation recomputation of MoE layers (which re-runs the forward during
-backward, possibly after the next micro-batch has set new ids) is refused by the trainer.
+the micro-batch's token ids ``[B, S]`` to every MoE layer before each forward, as one
+:class:`MoEForwardContext` shared by the model's MoE layers (:meth:`StableMoELayer.set_forward_context`,
+done by :class:`stablemoe_megatron.model.moe_host.MoEHost` on every pipeline stage). The layer takes
+the rows matching its hidden states ``[S_local, B, h]`` (its sequence-parallel shard) itself.
+
+Activation recomputation (``--recompute-granularity``): megatron's ``CheckpointFunction`` re-runs a
+checkpointed forward during backward, possibly after the next micro-batch has handed its ids
+(pipeline schedules). It restores the RNG states, not our per-call inputs, so the re-run
+(:func:`recomputing`) reads what its original call used from that call's context: the token ids
+and the ``--moe-token-shuffle`` key (:attr:`MoEForwardContext.shuffle_keys`). The model gives the
+layers that context when the micro-batch's backward starts (``MoEHost``); a layer that recomputes
+itself (``--recompute-modules moe``) passes it to its checkpointed function. A re-run routes as
+the original call did (same hidden states, same ids) and skips the side effects of a call: the
+routing metrics, the shuffle's call counter, the router's own statistics (``RouterInputs.replay``)
+and ``last_decision``; the auxiliary loss is attached to the output only where gradients are
+recorded, so once: in the re-run (the original checkpointed pass runs without grad).
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
@@ -82,6 +96,27 @@ class MoELayerMetrics:
         return out
 
 
+@dataclass
+class MoEForwardContext:
+    """What the MoE layers of one model forward read besides their hidden states, and what a
+    recomputation of their calls must repeat.
+
+    token_ids: [B, S] device; host_token_ids: [B, S] CPU copy or None;
+    shuffle_keys: {id(layer): the generator key of that layer's ``--moe-token-shuffle`` call}.
+    """
+
+    token_ids: torch.Tensor
+    host_token_ids: Optional[torch.Tensor] = None
+    shuffle_keys: Dict[int, int] = field(default_factory=dict)
+
+
+def recomputing() -> bool:
+    """Whether the running forward re-runs a checkpointed one during backward: megatron's
+    ``CheckpointFunction`` flags both of its passes (``is_checkpointing``) and runs the first
+    without grad, the recomputation with grad."""
+    return torch.is_grad_enabled() and is_checkpointing()
+
+
 def _default_pg_collection():
     """megatron's default MoE process groups, plus the data-parallel group (``dp_cp``)."""
     from megatron.core import parallel_state
@@ -113,8 +148,10 @@ class StableMoELayer(BaseMoELayer):
         self.dispatcher = AllToAllDispatcher(moe.num_experts, self.ep_group, host_ep_group)
         self.metrics = MoELayerMetrics(moe.num_experts)
         self.tp_rank = self.attn_tp_group.rank() if self.attn_tp_group is not None else 0
-        self._token_ids: Optional[torch.Tensor] = None
-        self._host_token_ids: Optional[torch.Tensor] = None
+        self._context: Optional[MoEForwardContext] = None
+        self.replay_context: Optional[MoEForwardContext] = None  # set by the model when a backward starts
+        self.recompute_self = (config.recompute_granularity == "selective"
+                               and "moe" in (config.recompute_modules or ()))
         self.last_decision: Optional[RoutingDecision] = None
         self.keep_last_decision = False
         self.shuffle = self._token_shuffle(pg_collection) if moe.shuffles_tokens else None
@@ -132,35 +169,69 @@ class StableMoELayer(BaseMoELayer):
 
     def set_token_ids(self, token_ids: torch.Tensor, host_token_ids: Optional[torch.Tensor] = None) -> None:
         """Token ids [B, S] of the next forward (device), and optionally their CPU copy."""
-        self._token_ids = token_ids
-        self._host_token_ids = host_token_ids
+        self.set_forward_context(MoEForwardContext(token_ids, host_token_ids))
 
-    def router_inputs(self, hidden_states: torch.Tensor) -> RouterInputs:
-        """RouterInputs for hidden_states [S_local, B, h] from the ids set by the model."""
-        if self._token_ids is None:
+    def set_forward_context(self, context: MoEForwardContext) -> None:
+        """The context (token ids) of the next forward, shared by the model's MoE layers."""
+        self._context = context
+
+    def router_inputs(self, hidden_states: torch.Tensor, context: Optional[MoEForwardContext] = None,
+                      replay: bool = False) -> RouterInputs:
+        """RouterInputs for hidden_states [S_local, B, h] from the ids of ``context`` (the ids set
+        by the model for this forward by default)."""
+        context = self._context if context is None else context
+        if context is None:
             raise RuntimeError("StableMoELayer: token ids were not set; build the model with "
                                "stablemoe_megatron.model.StableMoEGPTModel, which hands them down")
         seq_local = hidden_states.shape[0]
         positions = slice(self.tp_rank * seq_local, (self.tp_rank + 1) * seq_local) \
             if self.config.sequence_parallel else slice(0, seq_local)
-        local_ids = self._token_ids.t()[positions].reshape(-1)
+        local_ids = context.token_ids.t()[positions].reshape(-1)
         host_ids = None
-        if self._host_token_ids is not None:
-            host_ids = self._host_token_ids.t()[positions].reshape(-1)
+        if context.host_token_ids is not None:
+            host_ids = context.host_token_ids.t()[positions].reshape(-1)
         return RouterInputs(hidden_states.reshape(-1, hidden_states.shape[-1]), local_ids,
-                            self._token_ids, positions, host_ids)
+                            context.token_ids, positions, host_ids, replay)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None):
         """hidden_states [S_local, B, h] -> (MoE output [S_local, B, h], None).
 
+        A recomputation (full, or ``--recompute-modules mlp``) re-runs the original call with its
+        context; ``--recompute-modules moe`` checkpoints the layer here, as megatron's MoELayer does.
+        """
+        if self.training and recomputing():
+            if self.replay_context is None:
+                raise RuntimeError("StableMoELayer: a recomputed forward needs the token ids of its original "
+                                   "call; build the model with stablemoe_megatron.model.moe_host.MoEHost "
+                                   "(collect_moe_layers), which keeps them for the backward")
+            return self._route_and_compute(hidden_states, self.replay_context, replay=True), None
+        context = self._context
+        if self.recompute_self and self.training and torch.is_grad_enabled():
+            output = tensor_parallel.checkpoint(functools.partial(self._checkpointed, context), False, hidden_states)
+        else:
+            output = self._route_and_compute(hidden_states, context, replay=False)
+        return output, None
+
+    def _checkpointed(self, context: MoEForwardContext, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The checkpointed call of ``--recompute-modules moe``: its first pass runs without grad,
+        its recomputation (in backward) with grad."""
+        return self._route_and_compute(hidden_states, context, replay=torch.is_grad_enabled())
+
+    def _route_and_compute(self, hidden_states: torch.Tensor, context: Optional[MoEForwardContext],
+                           replay: bool) -> torch.Tensor:
+        """hidden_states [S_local, B, h] -> MoE output [S_local, B, h]; ``replay``: a recomputation
+        of the call that ``context`` recorded (same ids and shuffle; no side effects).
+
         With ``--moe-token-shuffle``, in training, routing and the experts run on the rows this
         rank receives from the shuffle (:mod:`.shuffle`), whose outputs are sent back after.
         """
-        inputs = self.router_inputs(hidden_states)
+        inputs = self.router_inputs(hidden_states, context, replay)
         shuffled = None
         if self.shuffle is not None and self.training:
-            rows, ids, shuffled = self.shuffle.shuffle(inputs.hidden, inputs.token_ids)
-            inputs = RouterInputs(rows, ids, None, inputs.local_positions, None)
+            rows, ids, shuffled = self.shuffle.shuffle(inputs.hidden, inputs.token_ids,
+                                                       self._shuffle_key(context, replay))
+            context.shuffle_keys[id(self)] = shuffled.key
+            inputs = RouterInputs(rows, ids, None, inputs.local_positions, None, replay)
         decision = self.router(inputs)
         expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index, decision.expert_index,
                                                        decision.host_tokens_per_expert, decision.one_pair_per_token)
@@ -170,12 +241,20 @@ class StableMoELayer(BaseMoELayer):
             output = self.shuffle.unshuffle(output, shuffled)
         if self.training and decision.aux_loss.requires_grad:
             output = MoEAuxLossAutoScaler.apply(output, decision.aux_loss)
-        if self.training:  # evaluation and probes must not mix into the training statistics
+        if self.training and not replay:  # evaluation, probes and recomputations must not count
             decision.metrics.update(input_statistics(hidden_states, getattr(self.router, "weight", None)))
             self.metrics.add(decision)
-        if self.keep_last_decision:
+        if self.keep_last_decision and not replay:
             self.last_decision = decision
-        return output.view(hidden_states.shape), None
+        return output.view(hidden_states.shape)
+
+    def _shuffle_key(self, context: MoEForwardContext, replay: bool) -> Optional[int]:
+        """The shuffle key of the call a recomputation repeats (None: a new call draws the next)."""
+        if not replay:
+            return None
+        if id(self) not in context.shuffle_keys:
+            raise RuntimeError(f"StableMoELayer {self.layer_number}: recomputing a call that did not shuffle")
+        return context.shuffle_keys[id(self)]
 
     def set_layer_number(self, layer_number: int) -> None:
         """Called once after construction (megatron's TransformerLayer / our MoE block).

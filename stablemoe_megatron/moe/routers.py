@@ -28,6 +28,9 @@ the distilled router learns to predict the router's top-1 choice (cross-entropy 
 detached choice); :meth:`TokenChoiceRouter.freeze_distilled` ends stage 1: from then on the
 distilled router decides the expert from the token ids alone, its parameters are frozen (no grad,
 excluded from the optimizer by the trainer), and the gate still comes from the backbone score.
+
+Top-k (``--moe-router-topk`` k > 1; docs/ALGORITHMS.md §8): ``[T, k]`` choices become T*k pairs,
+the capacity counts pairs; stage 2 routes with the distilled router's k best (a ``[V, k]`` table).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from stablemoe_megatron import routing
 from stablemoe_megatron.moe.config import MoEConfig
+from stablemoe_megatron.routing.common import choice_pairs
 
 
 @dataclass
@@ -49,10 +53,12 @@ class RoutingDecision:
     aux_loss: scalar, coefficient-weighted sum of the losses this router adds to the total loss.
     host_tokens_per_expert: [N] CPU counts when known without a device sync, else None.
     metrics: detached scalars for logging (loss values, agreement, mean gate ...).
-    top1_expert_ids: [T] the router's own top-1 choice (the stage-1 distillation teacher: see
-        ``TokenChoiceRouter.distillation_teacher``), or None.
+    top1_expert_ids: [T] the router's own top-1 choice ([T, k] its top-k choice with
+        ``--moe-router-topk`` k > 1): the stage-1 distillation teacher, see
+        ``TokenChoiceRouter.distillation_teacher``; or None.
     one_pair_per_token: token_index is ``arange(T)`` (top-1 routing, nothing dropped): the
-        dispatcher's sort by expert is then a permutation of the tokens (a faster path).
+        dispatcher's sort by expert is then a permutation of the tokens (a faster path). False
+        for top-k routing (A = T*k pairs, k per token).
     """
 
     token_index: torch.Tensor
@@ -73,6 +79,8 @@ class RouterInputs:
     full_token_ids: [B, S] device (the whole sequences, for context-dependent distilled routers),
         None after ``--moe-token-shuffle`` (the rows are no longer this rank's sequences);
     local_positions: slice of the sequence dimension held by this rank (sequence parallelism).
+    replay: this call re-runs a training forward already made (activation recomputation): the
+        router must decide the same and update no state of its own (statistics, thresholds).
     """
 
     hidden: torch.Tensor
@@ -80,6 +88,7 @@ class RouterInputs:
     full_token_ids: Optional[torch.Tensor]
     local_positions: slice
     host_token_ids: Optional[torch.Tensor] = None
+    replay: bool = False
 
 
 class RouterBase(MegatronModule):
@@ -94,6 +103,8 @@ class RouterBase(MegatronModule):
         self.algorithm = routing.get_routing(moe.router)
         self.moe = moe
         self.num_experts = moe.num_experts
+        self.topk = moe.effective_router_topk  # RoutingContext.topk / pre_softmax
+        self.pre_softmax = moe.effective_router_pre_softmax
         self.vocab_size = vocab_size
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size() if self.tp_group is not None else 1
@@ -210,12 +221,13 @@ def _mean_gate(gates: torch.Tensor) -> torch.Tensor:
 
 
 class TokenChoiceRouter(RouterBase):
-    """Learned top-1 routing (every ``top1`` algorithm) with optional distil-and-freeze and
-    capacity dropping.
+    """Learned top-1 routing (every ``top1`` algorithm; top-k with ``--moe-router-topk``) with
+    optional distil-and-freeze and capacity dropping.
 
     The algorithm supplies the backbone scores ``[T, N]`` (``scores``), the stage-1 routing and
     its unweighted losses (``train_routing``) and the gate of given experts (``chosen_gate``);
-    this module weights the losses, adds the distillation loss and drops over capacity.
+    this module weights the losses, adds the distillation loss and drops over capacity. A choice
+    is ``[T]`` experts (k = 1) or ``[T, k]`` (k > 1) throughout; the decision holds their pairs.
     """
 
     def __init__(self, config, moe: MoEConfig, vocab_size: int, pg_collection):
@@ -241,7 +253,8 @@ class TokenChoiceRouter(RouterBase):
         return self.algorithm.scores(hidden, self.weight)
 
     def assign(self, scores: torch.Tensor):
-        """Stage-1 routing: (expert_ids [T], gates [T], aux_loss scalar, metrics).
+        """Stage-1 routing: (expert_ids [T], gates [T], aux_loss scalar, metrics); [T, k] experts
+        and gates for top-k.
 
         aux_loss is the coefficient-weighted sum of the algorithm's losses (detached outside
         training); each weighted term is also a metric under its name.
@@ -257,7 +270,10 @@ class TokenChoiceRouter(RouterBase):
         return expert_ids, gates, (aux_loss if self.training else aux_loss.detach()), metrics
 
     def chosen_gate(self, hidden: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Gates [T] of given experts (stage 2), without the [T, N] scores where the gate allows."""
+        """Gates [T] of given experts [T] (stage 2), without the [T, N] scores where the gate
+        allows; [T, k] of given top-k experts [T, k], as top-k routing gates them."""
+        if expert_ids.dim() == 2:
+            return self.algorithm.chosen_gate(hidden, self.weight, expert_ids, pre_softmax=self.pre_softmax)
         return self.algorithm.chosen_gate(hidden, self.weight, expert_ids)
 
     # -- distilled router ----------------------------------------------------------------------
@@ -273,9 +289,9 @@ class TokenChoiceRouter(RouterBase):
         for param in self.distilled.parameters():
             param.requires_grad_(False)
             param.grad = None
-        if self.distilled.context_free:
+        if self.distilled.context_free:  # [V], or [V, k] for top-k
             with torch.no_grad():
-                self.expert_table = self.distilled.expert_table()
+                self.expert_table = self.distilled.expert_table(topk=self.topk)
             self._host_table = self.expert_table.cpu()
 
     def distilled_scores(self, inputs: RouterInputs) -> torch.Tensor:
@@ -286,16 +302,24 @@ class TokenChoiceRouter(RouterBase):
         local = full.transpose(0, 1)[inputs.local_positions]  # [S_local, B, N], sequence-major
         return local.reshape(-1, self.num_experts)
 
-    def distilled_expert_ids(self, inputs: RouterInputs):
-        """Stage-2 experts [T] and, when computable without a device sync, host counts [N]."""
+    def distilled_choice(self, inputs: RouterInputs):
+        """Stage-2 experts [T] ([T, k] for top-k: the distilled router's k best) and, when
+        computable without a device sync, the host counts [N] of their pairs."""
         if self.expert_table is None:
             with torch.no_grad():
-                return routing.distilled_assignment(self.distilled_scores(inputs)), None
+                return routing.distilled_assignment(self.distilled_scores(inputs), topk=self.topk), None
         expert_ids = self.expert_table[inputs.token_ids]
         host_counts = None
         if inputs.host_token_ids is not None:
-            host_counts = torch.bincount(self._host_table[inputs.host_token_ids], minlength=self.num_experts)
+            host_ids = self._host_table[inputs.host_token_ids].reshape(-1)
+            host_counts = torch.bincount(host_ids, minlength=self.num_experts)
         return expert_ids, host_counts
+
+    def distilled_expert_ids(self, inputs: RouterInputs):
+        """The distilled router's first choice [T] (its argmax; the routing probe's view) and host
+        counts [N] when :meth:`distilled_choice` has them for it (top-1 only)."""
+        expert_ids, host_counts = self.distilled_choice(inputs)
+        return (expert_ids, host_counts) if expert_ids.dim() == 1 else (expert_ids[:, 0], None)
 
     def backbone_expert_ids(self, hidden: torch.Tensor) -> torch.Tensor:
         """The backbone's greedy choice (the routing probe records it next to the distilled one)."""
@@ -305,7 +329,7 @@ class TokenChoiceRouter(RouterBase):
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
         host_counts, teacher = None, None
         if self.frozen or (not self.training and self.moe.routes_distilled_in_evaluation):
-            expert_ids, host_counts = self.distilled_expert_ids(inputs)
+            expert_ids, host_counts = self.distilled_choice(inputs)
             gates = self.chosen_gate(inputs.hidden, expert_ids)
             aux_loss, metrics = gates.new_zeros((), dtype=torch.float32), {}
         else:
@@ -314,8 +338,8 @@ class TokenChoiceRouter(RouterBase):
             teacher = self.distillation_teacher(scores, expert_ids)
             if self.distilled is not None:
                 aux_loss = aux_loss + self._distill(inputs, teacher, metrics)
-        token_index = torch.arange(expert_ids.shape[0], device=expert_ids.device)
-        one_pair_per_token = self.algorithm.one_pair_per_token
+        one_pair_per_token = self.algorithm.one_pair_per_token and expert_ids.dim() == 1
+        token_index, expert_ids, gates = choice_pairs(expert_ids, gates)
         if self.moe.effective_capacity_factor is not None and self.training:
             keep = self._capacity_keep(expert_ids, gates)
             token_index, expert_ids, gates = token_index[keep], expert_ids[keep], gates[keep]
@@ -327,13 +351,16 @@ class TokenChoiceRouter(RouterBase):
 
     def distillation_teacher(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Stage-1 distillation target [T] (``--moe-distill-teacher``), from scores [T, N] and the
-        assigned experts [T].
+        assigned experts [T] ([T, k] both for top-k).
 
         ``assignment``: the assigned experts (paper §3.1: where the token is actually sent).
-        ``greedy``: argmax of the backbone scores (the authors' code), which differs from the
-        assignment only for BASE's balanced assignment (greedy routers assign the argmax).
+        ``greedy``: argmax of the backbone scores (the authors' code; the k largest for top-k),
+        which differs from the assignment only for BASE's balanced assignment (greedy routers
+        assign the argmax).
         """
         if self.moe.distill_teacher == "greedy" and self.distilled is not None:
+            if expert_ids.dim() == 2:
+                return torch.topk(scores.detach(), expert_ids.shape[1], dim=-1).indices
             return routing.greedy_assignment(scores.detach())
         return expert_ids
 
@@ -347,8 +374,10 @@ class TokenChoiceRouter(RouterBase):
         return weighted if self.training else weighted.detach()
 
     def _capacity_keep(self, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Keep mask [T_local]; capacity and ranking over the counting set: the DP rank's whole
-        micro-batch (all SP shards), or every DP rank's (``--moe-balance-count-scope data-parallel``)."""
+        """Keep mask [A_local] of the pairs (expert_ids, gates [A_local], A = T*k); capacity
+        ceil(A*c/N) (Megatron's ceil(T*k/N*c)) and ranking by gate over the counting set: the DP
+        rank's whole micro-batch (all SP shards), or every DP rank's
+        (``--moe-balance-count-scope data-parallel``)."""
         from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
 
         full_ids = self._gather_counting_set(expert_ids)
@@ -433,7 +462,8 @@ class ExpertChoiceRouter(RouterBase):
                 rows = self._local_rows(num_local)
                 local = (token_index >= rows.start) & (token_index < rows.stop)
                 token_index, expert_index = token_index[local] - rows.start, expert_index[local]
-            self._accumulate_kth(routing.kth_largest_probs(full, k))
+            if not inputs.replay:  # a recomputed call must not count twice
+                self._accumulate_kth(routing.kth_largest_probs(full, k))
             if self.loss_coeff("z_loss"):
                 aux = self.loss_coeff("z_loss") * routing.z_loss(logits, self._counting_size(num_local))
                 metrics["z_loss"] = aux.detach()

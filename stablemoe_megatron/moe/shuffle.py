@@ -21,11 +21,15 @@ number, training iteration, call within the iteration, data-parallel rank, tenso
 so it differs per rank and per call and is reproducible from the run seed. The trainer names the
 iteration before each step (:meth:`TokenShuffle.start_step`, through ``MoEHost.start_moe_step``),
 so a resumed run draws the same permutations as the uninterrupted one.
+
+Activation recomputation re-runs a layer's forward during backward: the layer passes the key of
+the original call back (:attr:`ShuffleState.key`, ``shuffle(..., key=...)``), so the recomputed
+call draws the same permutation and the call counter advances once per micro-batch, not twice.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -34,10 +38,12 @@ from stablemoe_megatron.moe.dispatcher import _inverse_permutation, _PermuteRows
 
 @dataclass
 class ShuffleState:
-    """What :meth:`TokenShuffle.unshuffle` needs: the local permutation [T] and its inverse [T]."""
+    """What :meth:`TokenShuffle.unshuffle` needs: the local permutation [T] and its inverse [T];
+    ``key``: the generator seed it was drawn with (a recomputation of the call replays it)."""
 
     order: torch.Tensor
     inverse: torch.Tensor
+    key: int = 0
 
 
 class TokenShuffle:
@@ -66,10 +72,16 @@ class TokenShuffle:
         """The next permutations belong to training iteration ``iteration`` (0-based step count)."""
         self.step, self.calls = iteration, 0
 
-    def permutation(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """The next random permutation of ``num_tokens`` rows: LongTensor [T] on ``device``."""
+    def next_key(self) -> int:
+        """The generator seed of the next call (advances the call counter)."""
         key = hash((self.seed, self.layer_number, self.step, self.calls, self.rank, self.tp_rank)) % (2 ** 62)
         self.calls += 1
+        return key
+
+    def permutation(self, num_tokens: int, device: torch.device, key: Optional[int] = None) -> torch.Tensor:
+        """The next random permutation of ``num_tokens`` rows: LongTensor [T] on ``device``; with
+        ``key`` (of an earlier call), that call's permutation again, without advancing the counter."""
+        key = self.next_key() if key is None else key
         device = torch.device(device)
         generator = self._generators.get(device)
         if generator is None:
@@ -77,9 +89,11 @@ class TokenShuffle:
         generator.manual_seed(key)
         return torch.randperm(num_tokens, generator=generator, device=device)
 
-    def shuffle(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, ShuffleState]:
+    def shuffle(self, hidden: torch.Tensor, token_ids: torch.Tensor,
+                key: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, ShuffleState]:
         """hidden [T, h] and token_ids [T] of this rank -> the received rows [T, h], their ids [T]
-        (T/W from each data-parallel rank, in rank order) and the state that undoes it.
+        (T/W from each data-parallel rank, in rank order) and the state that undoes it. ``key``:
+        replay the call that returned ``ShuffleState.key`` (activation recomputation).
 
         ValueError when T is not divisible by W (the all-to-all sends T/W rows to each rank; equal
         micro-batches of a multiple of W tokens guarantee it).
@@ -90,7 +104,8 @@ class TokenShuffle:
                 f"--moe-token-shuffle: the {num_tokens} tokens this rank holds at MoE layer {self.layer_number} "
                 f"cannot be split evenly over the {self.world} data-parallel ranks; use micro-batches whose "
                 f"token count (per sequence-parallel shard) is a multiple of {self.world}")
-        order = self.permutation(num_tokens, hidden.device)
+        key = self.next_key() if key is None else key
+        order = self.permutation(num_tokens, hidden.device, key)
         inverse = _inverse_permutation(order)
         rows = _PermuteRows.apply(hidden, order, inverse)
         ids = token_ids.index_select(0, order)
@@ -99,7 +114,7 @@ class TokenShuffle:
 
             rows = all_to_all(self.group, rows)
             ids = all_to_all(self.group, ids)
-        return rows, ids, ShuffleState(order, inverse)
+        return rows, ids, ShuffleState(order, inverse, key)
 
     def unshuffle(self, output: torch.Tensor, state: ShuffleState) -> torch.Tensor:
         """Output rows [T, h] in the received order -> [T, h] in this rank's original token order."""

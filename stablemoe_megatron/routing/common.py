@@ -103,3 +103,20 @@ def rank_within_group(group_ids: torch.Tensor, keys: torch.Tensor, num_groups: i
     rank = torch.empty_like(order)
     rank[order] = positions - group_starts[sorted_groups]
     return rank
+
+
+def choice_pairs(expert_ids: torch.Tensor, gates: torch.Tensor):
+    """(token, expert, gate) pairs of a token-choice routing, token-major.
+
+    Args:
+        expert_ids: LongTensor ``[T]`` (one expert per token) or ``[T, k]`` (top-k).
+        gates: ``[T]`` or ``[T, k]``, the same shape.
+    Returns:
+        ``(token_index [A], expert_index [A], gates [A])`` with A = T*k: token t's pairs are rows
+        ``t*k .. t*k+k-1`` (``token_index = arange(T*k) // k``; no host sync).
+    """
+    if expert_ids.dim() == 1:
+        return torch.arange(expert_ids.shape[0], device=expert_ids.device), expert_ids, gates
+    k = expert_ids.shape[1]
+    token_index = torch.arange(expert_ids.numel(), device=expert_ids.device) // k
+    return token_index, expert_ids.reshape(-1), gates.reshape(-1)

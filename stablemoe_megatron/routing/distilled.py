@@ -3,7 +3,8 @@ predict the backbone's routing in stage 1 and, frozen, route in stage 2 and at i
 
 Every router maps token ids ``[B, S]`` to features ``[B, S, dim]`` and scores them against its
 own distilled centroids E^ (``[N, dim]``): ``scores = features @ E^^T``, ``[B, S, N]``. Trained
-with :func:`stablemoe_megatron.routing.distill.distillation_loss`; routed with its argmax.
+with :func:`stablemoe_megatron.routing.distill.distillation_loss`; routed with its argmax (its k
+largest scores for top-k routing).
 
 * :class:`WordEmbeddingRouter` (the paper's choice and default, dim 50): features = embedding of
   the id alone, so routing is context-free and a whole vocabulary -> expert table can be
@@ -83,8 +84,10 @@ class DistilledRouter(nn.Module):
         return self.scores(token_ids)
 
     @torch.no_grad()
-    def expert_table(self, chunk_size: int = 65536) -> torch.Tensor:
-        """LongTensor ``[V]``: the expert (argmax of the scores) of every vocabulary id.
+    def expert_table(self, chunk_size: int = 65536, topk: int = 1) -> torch.Tensor:
+        """LongTensor ``[V]``: the expert (argmax of the scores) of every vocabulary id; for
+        ``topk`` k > 1 ``[V, k]``: its k highest-scoring experts, by descending score (top-k
+        stage-2 routing, ``--moe-router-topk``).
 
         Only for context-free routers (``NotImplementedError`` otherwise). Computed with
         :meth:`scores` in chunks of ids, on the parameters' device.
@@ -93,9 +96,15 @@ class DistilledRouter(nn.Module):
             raise NotImplementedError(
                 f"{type(self).__name__} is context-dependent: an id has no fixed expert"
             )
+        if not 1 <= topk <= self.num_experts:
+            raise ValueError(f"expert_table: topk must be in 1..{self.num_experts}, got {topk}")
         device = self.centroids.device
         ids = torch.arange(self.vocab_size, device=device)
-        parts = [self.scores(chunk.unsqueeze(0))[0].argmax(-1) for chunk in ids.split(chunk_size)]
+        if topk == 1:
+            parts = [self.scores(chunk.unsqueeze(0))[0].argmax(-1) for chunk in ids.split(chunk_size)]
+        else:
+            parts = [torch.topk(self.scores(chunk.unsqueeze(0))[0], topk, dim=-1).indices
+                     for chunk in ids.split(chunk_size)]
         return torch.cat(parts)
 
 

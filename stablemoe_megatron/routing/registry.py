@@ -5,8 +5,8 @@ Every algorithm module of :mod:`stablemoe_megatron.routing` (:data:`ALGORITHM_MO
 :class:`RoutingAlgorithm` and registers it with :func:`register_routing` under its canonical name,
 the ``--moe-router`` value. Everything else asks the registry instead of comparing router names:
 
-* the command line: :func:`routing_names` (the ``--moe-router`` choices, in a fixed order) and
-  :func:`distillable_names`;
+* the command line: :func:`routing_names` (the ``--moe-router`` choices, in a fixed order),
+  :func:`distillable_names` and :func:`topk_names` (the routers ``--moe-router-topk`` > 1 accepts);
 * the Megatron model: ``algorithm.adapter`` picks the router module of
   :mod:`stablemoe_megatron.moe.routers`, which calls the algorithm's pure functions;
 * the exported model: ``algorithm.eval_routing`` and ``algorithm.state_buffers``;
@@ -63,10 +63,18 @@ class RoutingAlgorithm:
         gate: what multiplies the expert output: ``sigmoid`` of the chosen score, the ``softmax``
             router probability, or ``none`` (gate 1).
         learned: has a trainable router weight ``[N, d]`` (centroids E or a projection W).
-        one_pair_per_token: every token gets exactly one expert (top-1, before any capacity
-            dropping); False for Expert Choice (a token gets 0..N experts).
+        one_pair_per_token: at k = 1 every token gets exactly one expert (before any capacity
+            dropping); False for Expert Choice (a token gets 0..N experts). Top-k routing (k > 1)
+            gives k pairs per token whatever this says.
         uses_token_ids: the assignment is a function of the token ids (the layer must get them).
-        distillable: its top-1 choice can be distilled into a token-id router and frozen.
+        distillable: its top-1 choice can be distilled into a token-id router and frozen (its
+            top-k choice too, when it ``supports_topk``).
+        supports_topk: ``--moe-router-topk`` k > 1 is accepted: ``train_routing`` reads
+            ``context.topk`` and ``context.pre_softmax`` and returns ``[T, k]`` experts and gates,
+            ``chosen_gate`` takes ``[T, k]`` experts and the keyword ``pre_softmax``, and
+            ``eval_routing`` the keywords ``topk`` and ``pre_softmax`` (the softmax router: Megatron's
+            TopKRouter). Routers without it route every token to one expert (or, Expert Choice,
+            let experts choose) and refuse k > 1.
         default_distill_router: the distilled router it gets when ``--moe-distill-router`` is not
             given (``wordemb`` for StableMoE), or None.
         losses: names of the loss terms it adds; each is weighted by ``MoEConfig.<name>_coeff``
@@ -82,15 +90,17 @@ class RoutingAlgorithm:
         train_routing: the training-time routing, by adapter kind. ``top1``:
             ``(scores [T, N], context) -> (expert_ids [T], gates [T], {loss name: unweighted 0-d})``
             where ``context`` is the router module (:class:`RoutingContext`); it also runs in the
-            Megatron model's evaluation mode (``context.training`` False). ``hash-table``:
-            ``(token_ids [T], table [V]) -> expert_ids [T]``. ``expert-choice``:
+            Megatron model's evaluation mode (``context.training`` False). With ``context.topk``
+            k > 1 (``supports_topk`` routers only): ``expert_ids [T, k]``, ``gates [T, k]``.
+            ``hash-table``: ``(token_ids [T], table [V]) -> expert_ids [T]``. ``expert-choice``:
             ``(probs [T, N], k) -> (token_index, expert_index, gates)`` over the whole micro-batch.
         eval_routing: the evaluation routing, causal (a token's experts depend on that token only):
             ``(hidden [T, d], weight [N, d] | None, token_ids [T], state {buffer name: tensor},
             expert_ids [T] | None) -> (token_index [A], expert_index [A], gates [A])``;
             ``expert_ids`` (the distilled router's choice in stage 2) replaces the backbone's.
         chosen_gate: ``(hidden [T, d], weight [N, d], expert_ids [T]) -> gates [T]`` for given
-            experts (stage 2 of a distilled router), for ``top1`` routers.
+            experts (stage 2 of a distilled router), for ``top1`` routers; ``supports_topk``
+            routers also ``(..., expert_ids [T, k], pre_softmax=...) -> gates [T, k]``.
     """
 
     name: str
@@ -101,6 +111,7 @@ class RoutingAlgorithm:
     one_pair_per_token: bool
     uses_token_ids: bool
     distillable: bool = False
+    supports_topk: bool = False
     default_distill_router: Optional[str] = None
     losses: Tuple[str, ...] = ()
     table_from_training_data: bool = False
@@ -118,6 +129,8 @@ class RoutingAlgorithm:
             raise ValueError(f"routing {self.name!r}: adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.default_distill_router is not None and not self.distillable:
             raise ValueError(f"routing {self.name!r}: a default distilled router needs distillable=True")
+        if self.supports_topk and self.adapter != "top1":
+            raise ValueError(f"routing {self.name!r}: supports_topk needs the token-choice adapter 'top1'")
         if self.learned and self.scores is None:
             raise ValueError(f"routing {self.name!r}: a learned router needs its scores function")
 
@@ -130,6 +143,11 @@ class RoutingContext(Protocol):
     """
 
     training: bool  # the module's training mode
+    # --moe-router-topk (k experts per token) and whether the gates are the softmax over all N
+    # experts (pre_softmax) or over the k chosen logits; read only by supports_topk routers, and
+    # an object without them means k = 1.
+    topk: int
+    pre_softmax: bool
 
     def count(self, expert_ids) -> Tuple[Any, Any]:
         """(tokens per expert [N], token count) over the counting set (the data-parallel rank's
@@ -189,3 +207,9 @@ def distillable_names() -> Tuple[str, ...]:
     """Names of the algorithms whose top-1 choice can be distilled and frozen, in CLI order
     (imports the algorithms)."""
     return tuple(name for name in routing_names() if get_routing(name).distillable)
+
+
+def topk_names() -> Tuple[str, ...]:
+    """Names of the algorithms that accept ``--moe-router-topk`` k > 1, in CLI order (imports the
+    algorithms)."""
+    return tuple(name for name in routing_names() if get_routing(name).supports_topk)

@@ -26,7 +26,7 @@ MODES = ("train", "evaluate", "bench")
 
 
 def layout_of(config: RunConfig) -> dict:
-    """The parallel layout recorded in checkpoints (optimizer state reloads only under the same one)."""
+    """The parallel layout recorded in checkpoints (RNG states reload only under the same tp/pp/ep/dp)."""
     from megatron.core import parallel_state as ps
 
     p = config.parallel
@@ -41,7 +41,7 @@ def initialize(config: RunConfig) -> None:
 
     p = config.parallel
     initialize_distributed(ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                         p.expert_model_parallel_size))
+                                         p.expert_model_parallel_size, p.expert_tensor_parallel_size or 1))
     seed_everything(config.training.seed)
 
 
@@ -103,10 +103,10 @@ def _install_frequency_hash_table(config: RunConfig, model, vocab_size: int) -> 
 
 
 def _evaluation_wrapper(config: RunConfig, model, tconfig):
-    """The model as evaluation runs it: in bf16 when configured, no DDP, no optimizer."""
-    from megatron.core.transformer.module import Float16Module
+    """The model as evaluation runs it: in bf16/fp16 when configured, as in training (no DDP, no optimizer)."""
+    from stablemoe_megatron.training.optim import half_precision
 
-    return Float16Module(tconfig, model) if config.training.bf16 else model
+    return half_precision(model, tconfig, config)
 
 
 def build(config: RunConfig, mode: str = "train", vocab_size: Optional[int] = None) -> Trainer:
@@ -146,12 +146,18 @@ def build(config: RunConfig, mode: str = "train", vocab_size: Optional[int] = No
 
 
 def _prepare_training(trainer: Trainer, checked, world_size: int) -> None:
-    """Resume (weights, optimizer, position, stage), attach the data and the callbacks."""
+    """Resume (weights, optimizer, position, stage) or start from another checkpoint's weights,
+    attach the data and the callbacks."""
+    from stablemoe_megatron.training.pretrained import load_pretrained, rng_kept
+
     config = trainer.config
     trainer.state.layout = layout_of(config)
     trainer.state.tokenizer_vocab_size = trainer.tokenizer.vocab_size
     if checked.load_dir is not None:
-        _resume(trainer, checked.load_dir)
+        with rng_kept(config.checkpoint.no_load_rng):
+            _resume(trainer, checked.load_dir)
+    elif checked.weights is not None:
+        load_pretrained(trainer, checked.weights)  # --pretrained-checkpoint / --finetune: iteration 0
     _attach_data(trainer, world_size)
     if config.logging.routing_probe_interval and config.moe.enabled:
         from stablemoe_megatron.training.probe import RoutingProbe
@@ -165,7 +171,7 @@ def _resume(trainer: Trainer, load_dir) -> None:
     config, state = trainer.config, trainer.state
     loaded = load_checkpoint(load_dir, trainer.ddp_model, trainer.optimizer, trainer.scheduler,
                              trainer.side_optimizer, layout=state.layout,
-                             load_optim=not config.checkpoint.no_load_optim)
+                             load_optim=not config.checkpoint.no_load_optim, seed=config.training.seed)
     state.iteration = loaded.iteration
     state.tokenizer_vocab_size = loaded.tokenizer_vocab_size or state.tokenizer_vocab_size
     state.consumed_train_samples = loaded.consumed_train_samples

@@ -24,6 +24,7 @@ from stablemoe_megatron.training.trainer import Trainer
 
 def pretrain(config: RunConfig) -> dict:
     """Train as configured; return the final validation/test losses (on every rank)."""
+    started_at = time.monotonic()  # --exit-duration-in-mins counts from here, as Megatron-LM's start time
     signals = StopSignals()  # installed first: a signal during start-up is not lost
     watch = LauncherWatch.start_if_launched()
     try:
@@ -31,13 +32,13 @@ def pretrain(config: RunConfig) -> dict:
     except BaseException:
         _stop_watching(signals, watch)
         raise
-    trainer.signals = signals
+    trainer.signals, trainer.started_at = signals, started_at
     reporter = Reporter(config.logging.tensorboard_dir, config.logging.metrics_file, config.training.train_iters)
     try:
         reporter.message(trainer.describe())
         results = train_loop(trainer, reporter)
         if results["exited_early"]:
-            return results  # preempted or --exit-interval: saved already; leave within the grace period
+            return results  # preempted, --exit-interval or --exit-duration-in-mins: saved already
         trainer.run_callbacks("on_train_end", reporter)
         for split, factory in (("validation", trainer.valid_iterator), ("test", trainer.test_iterator)):
             if factory is not None and config.training.eval_iters > 0:
@@ -61,13 +62,14 @@ def train_loop(trainer: Trainer, reporter: Reporter) -> dict:
     """Steps until ``--train-iters`` (or a stop signal / ``--exit-interval``); returns where it ended."""
     config, state = trainer.config, trainer.state
     train_iterator = trainer.train_iterator()
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     while state.iteration < config.training.train_iters:
         if trainer.stage.due(state.iteration):
             trainer.enter_stage_two(reporter)
         trainer.model.start_moe_step(state.iteration)
-        loss, grad_norm, nonfinite, signalled = train_step(trainer.step_context(), train_iterator,
-                                                           trainer.stop_requested)
+        step = train_step(trainer.step_context(), train_iterator, trainer.stop_requested)
+        loss, grad_norm, nonfinite, signalled = step[:4]
+        skipped += step.skipped  # inf/nan gradients under loss scaling: megatron did not update (--fp16)
         if nonfinite:
             reporter.message(f"iteration {state.iteration + 1}: the loss is NaN or infinite; stopping "
                              f"without updating or saving (the last checkpoint is kept)")
@@ -80,8 +82,8 @@ def train_loop(trainer: Trainer, reporter: Reporter) -> dict:
         interval_start += time.perf_counter() - callbacks_start  # probes are not training time
         if state.iteration % config.logging.log_interval == 0 or state.iteration == config.training.train_iters:
             elapsed = (time.perf_counter() - interval_start) / interval_steps
-            _log_iteration(trainer, reporter, loss, grad_norm, elapsed, interval_steps)
-            interval_start, interval_steps = time.perf_counter(), 0
+            _log_iteration(trainer, reporter, loss, grad_norm, elapsed, interval_steps, skipped)
+            interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
         pause_start = time.perf_counter()
         _validate_and_save(trainer, reporter, signalled)
         interval_start += time.perf_counter() - pause_start  # neither are validation and saving
@@ -117,11 +119,15 @@ def _evaluate_split(trainer: Trainer, reporter: Reporter, split: str, iterator_f
 
 
 def _exit_reason(trainer: Trainer, signalled: bool) -> str:
-    """'signal' (with its name when this rank received it) or '--exit-interval'."""
+    """'signal' (with its name when this rank received it), '--exit-duration-in-mins' or '--exit-interval'."""
     if not signalled:
         return "--exit-interval"
     name = trainer.signals.received if trainer.signals is not None else None
-    return f"signal {name}" if name else "signal"
+    if name:
+        return f"signal {name}"
+    if trainer.config.training.exit_duration_in_mins:
+        return f"--exit-duration-in-mins {trainer.config.training.exit_duration_in_mins:g} reached"
+    return "signal"
 
 
 def _should_save(config: RunConfig, iteration: int, signalled: bool) -> bool:
@@ -132,7 +138,10 @@ def _should_save(config: RunConfig, iteration: int, signalled: bool) -> bool:
         or bool(config.training.exit_interval and iteration % config.training.exit_interval == 0)
 
 
-def _log_iteration(trainer: Trainer, reporter: Reporter, loss, grad_norm, elapsed: float, steps: int) -> None:
+def _log_iteration(trainer: Trainer, reporter: Reporter, loss, grad_norm, elapsed: float, steps: int,
+                   skipped: int = 0) -> None:
+    """The interval's record; like Megatron-LM's line it has the current loss scale and the number of
+    skipped iterations (inf/nan gradients) since the last line."""
     moe = gather_moe_metrics(trainer.model, steps) if trainer.config.moe.enabled else {}  # collective
     trainer.stage.check_frozen(trainer.model)
     seq = trainer.config.model.seq_length
@@ -144,5 +153,6 @@ def _log_iteration(trainer: Trainer, reporter: Reporter, loss, grad_norm, elapse
         "elapsed_ms": elapsed * 1000.0, "global_batch_size": trainer.global_batch,
         "tokens_per_sec": trainer.global_batch * seq / max(elapsed, 1e-9),
         "routing_changed": trainer.callback_summary(),
+        "loss_scale": float(trainer.optimizer.get_loss_scale()), "skipped_iterations": skipped,
     }
     reporter.iteration(record, moe)

@@ -7,11 +7,18 @@ discarded: the frozen parameters were never in megatron's optimizer, so no momen
 decay or gradient-buffer traffic can touch them, and the megatron optimizer and its checkpoints
 look the same before and after the switch. The router's gradient never mixes with the backbone's
 (L_dis trains only D and E^), so it is clipped on its own with the same ``--clip-grad``.
+
+Mixed precision (``--bf16`` / ``--fp16``) is megatron's: :func:`half_precision` wraps the model in
+``Float16Module`` (half weights and activations), DDP reduces gradients in fp32, and megatron's
+optimizer keeps fp32 main weights (``Float16OptimizerWithFloat16Params`` or the distributed
+optimizer) with a loss scaler under ``--fp16`` (``DynamicGradScaler``, or ``ConstantGradScaler``
+with ``--loss-scale``). :func:`optimizer_step` is megatron's step, with the scalers of its
+dense and expert sub-optimizers kept in lockstep.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -36,34 +43,93 @@ def hidden_from_megatron(params: List[torch.nn.Parameter]):
             param.requires_grad_(requires_grad)
 
 
-def wrap_model(model, transformer_config, run: RunConfig):
-    """Float16Module (bf16) and megatron DDP around ``model`` (build inside hidden_from_megatron)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def half_precision(model, transformer_config, run: RunConfig):
+    """``model`` in megatron's Float16Module under ``--bf16`` / ``--fp16``, else ``model`` itself.
+
+    Float16Module casts every floating parameter and buffer to bf16/fp16, the first pipeline
+    stage's inputs to it and the last stage's outputs back to fp32. Cast back to fp32 afterwards,
+    as megatron's TopKRouter keeps its ``expert_bias`` buffer: the distilled routers (tiny, trained
+    in fp32 by their own optimizer) and the routers' floating buffers (Expert Choice's evaluation
+    thresholds, an average of probabilities). Router weights stay half like every megatron weight
+    (fp32 main copies in megatron's optimizer); the routing functions compute scores, gates and
+    losses in fp32 from half inputs.
+    """
     from megatron.core.transformer.module import Float16Module
 
-    module = Float16Module(transformer_config, model) if run.training.bf16 else model
+    module = Float16Module(transformer_config, model) if run.training.bf16 or run.training.fp16 else model
+    for layer in model.moe_layers:
+        for buffer in layer.router.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.float()
     for router in model.distilled_routers():
-        router.distilled.float()  # tiny; trained in fp32 by its own optimizer
+        router.distilled.float()
+    return module
+
+
+def wrap_model(model, transformer_config, run: RunConfig):
+    """:func:`half_precision` and megatron DDP around ``model`` (build inside hidden_from_megatron).
+    Gradients are accumulated and all-reduced in fp32 whatever the precision."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    module = half_precision(model, transformer_config, run)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=run.megatron.overlap_grad_reduce,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer, check_for_nan_in_grad=False)
     return DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=module)
 
 
 def build_optimizer(run: RunConfig, ddp_model, global_batch: int):
-    """megatron optimizer (Adam, decoupled weight decay, global-norm clipping) and LR scheduler."""
+    """megatron optimizer (Adam, decoupled weight decay, global-norm clipping) and LR scheduler.
+
+    The precision settings go to megatron's OptimizerConfig, which picks the optimizer (fp32 main
+    weights for bf16/fp16) and the loss scaler; the schedules scale the loss (and the MoE auxiliary
+    losses) with ``grad_scale_func``, set here as Megatron-LM's ``train`` sets it.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    opt = run.optimizer
+    opt, training = run.optimizer, run.training
     config = OptimizerConfig(
         optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
         adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-        clip_grad=opt.clip_grad, bf16=run.training.bf16,
-        params_dtype=torch.bfloat16 if run.training.bf16 else torch.float32,
+        clip_grad=opt.clip_grad, bf16=training.bf16, fp16=training.fp16,
+        params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
+        loss_scale=training.loss_scale, initial_loss_scale=training.initial_loss_scale,
+        min_loss_scale=training.min_loss_scale, loss_scale_window=training.loss_scale_window,
+        hysteresis=training.hysteresis,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
+    ddp_model.config.grad_scale_func = optimizer.scale_loss
     return optimizer, build_scheduler(run, optimizer, global_batch)
+
+
+def loss_scalers(optimizer) -> list:
+    """The loss scalers of megatron's optimizer: one per sub-optimizer (dense, expert) that has one."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [part.grad_scaler for part in parts if getattr(part, "grad_scaler", None) is not None]
+
+
+def optimizer_step(optimizer) -> Tuple[bool, Optional[float], float]:
+    """megatron's optimizer step: (updated, grad norm, the loss scale of this step's gradients).
+
+    ``updated`` is False when megatron skipped the step: inf/nan gradients under loss scaling;
+    weights and optimizer state are untouched and the dynamic scaler counts the step towards
+    ``--hysteresis``. megatron's ChainedOptimizer gives the dense and the expert parameters an
+    optimizer and a DynamicGradScaler each, and each scaler sees only its own parameters' inf/nan,
+    while the loss is scaled by the first one's: an overflow in expert gradients alone would back
+    off the expert scaler only, and its gradients would be unscaled by the wrong factor from then
+    on. So every scaler is updated with the step's outcome (its state before the step restored,
+    then megatron's own ``update``), which keeps them equal.
+    """
+    scalers = loss_scalers(optimizer)
+    scale = float(optimizer.get_loss_scale()) if scalers else 1.0  # (a device sync only with a scaler)
+    before = [scaler.state_dict() for scaler in scalers]
+    updated, grad_norm, _ = optimizer.step()
+    if len(scalers) > 1:
+        for scaler, state in zip(scalers, before):
+            scaler.load_state_dict(state)
+            scaler.update(not updated)
+    return bool(updated), grad_norm, scale
 
 
 def build_scheduler(run: RunConfig, optimizer, global_batch: int):
@@ -72,14 +138,31 @@ def build_scheduler(run: RunConfig, optimizer, global_batch: int):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = run.optimizer
-    warmup = opt.lr_warmup_iters * global_batch
-    decay = max((opt.lr_decay_iters or run.training.train_iters) * global_batch, warmup + 1)
+    warmup, decay = schedule_lengths(run, global_batch)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay,
         wd_incr_steps=run.training.train_iters * global_batch, wd_incr_style="constant",
     )
+
+
+def schedule_lengths(run: RunConfig, global_batch: int):
+    """(warm-up, decay) lengths in samples, as Megatron-LM derives them: the decay from
+    --lr-decay-samples / --lr-decay-iters (default: the whole run, --train-samples or --train-iters);
+    the warm-up a --lr-warmup-fraction of the decay, or --lr-warmup-samples / --lr-warmup-iters."""
+    opt, training = run.optimizer, run.training
+    if opt.lr_decay_samples is not None:
+        decay = opt.lr_decay_samples
+    elif opt.lr_decay_iters is not None:
+        decay = opt.lr_decay_iters * global_batch
+    else:
+        decay = training.train_samples or training.train_iters * global_batch
+    if opt.lr_warmup_fraction is not None:
+        warmup = int(opt.lr_warmup_fraction * decay)
+    else:
+        warmup = opt.lr_warmup_samples or opt.lr_warmup_iters * global_batch
+    return warmup, max(decay, warmup + 1)
 
 
 class DistilledRouterOptimizer:
@@ -108,11 +191,15 @@ class DistilledRouterOptimizer:
             param.grad = None
 
     @torch.no_grad()
-    def step(self, lr: float) -> Optional[float]:
-        """Average grads over DP, clip, update; return this optimizer's grad norm (or None)."""
+    def step(self, lr: float, grad_scale: float = 1.0) -> Optional[float]:
+        """Unscale (the loss scale of this step, ``--fp16``), average grads over DP, clip, update;
+        return this optimizer's grad norm (or None)."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return None
+        if grad_scale != 1.0:  # the distillation loss is scaled with the others (MoEAuxLossAutoScaler)
+            for grad in grads:
+                grad.div_(grad_scale)
         if self.dp_group is not None and self.dp_group.size() > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat, group=self.dp_group)
@@ -154,3 +241,94 @@ class DistilledRouterOptimizer:
     @staticmethod
     def _fresh_state(param) -> dict:
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
+# -- megatron's optimizer state in checkpoints (used by training/checkpointing.py) -------------------------
+# megatron-core 0.16's DistributedOptimizer with torch's Adam (no apex / transformer-engine: the CPU
+# install, and a GPU install without them) cannot save or reload its state as shipped; the three
+# functions below work around it from the outside, leaving megatron's own code paths in place.
+_STEP_ENTRY = "adam_step_of_an_optimizer_without_parameters_here"
+
+
+def optimizer_parts(optimizer) -> list:
+    """megatron's sub-optimizers (dense, expert) of a ChainedOptimizer, or the optimizer itself."""
+    return getattr(optimizer, "chained_optimizers", None) or [optimizer]
+
+
+@contextlib.contextmanager
+def step_placeholders(optimizer):
+    """Within the block, a distributed sub-optimizer without Adam state on this rank (no
+    parameters here: the expert optimizer of a pipeline stage without MoE layers) holds one
+    entry with the others' step, keyed by a string, not a parameter.
+
+    megatron 0.16's ``DistributedOptimizer.state_dict()`` with torch's Adam asserts that the
+    per-parameter states hold exactly one step value, so it fails on such a rank (apex / TE fused
+    Adam keep the step in the parameter groups and need no entry).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    parts = [part for part in optimizer_parts(optimizer)
+             if isinstance(part, distrib_optimizer.DistributedOptimizer) and not part.is_stub_optimizer]
+    empty = [part for part in parts if len(part.optimizer.state) == 0]
+    if distrib_optimizer.HAVE_APEX_OR_TE or not empty:
+        yield
+        return
+    steps = [s["step"] for part in parts for s in part.optimizer.state.values() if "step" in s]
+    for part in empty:
+        part.optimizer.state[_STEP_ENTRY] = {"step": steps[0].clone() if steps else torch.zeros(())}
+    try:
+        yield
+    finally:
+        for part in empty:
+            part.optimizer.state.pop(_STEP_ENTRY, None)
+
+
+def allocate_adam_state(optimizer) -> None:
+    """Zero moments and a zero step for each distributed optimizer that has not stepped yet.
+
+    megatron's ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` reads every
+    parameter's Adam ``step``, which torch's Adam creates only at its first step (megatron's
+    ``init_state_fn`` allocates the moments alone; apex / TE fused Adam keep the step in the
+    parameter groups, so it is added only for torch's Adam).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    for part in optimizer_parts(optimizer):
+        if not isinstance(part, distrib_optimizer.DistributedOptimizer) or part.is_stub_optimizer:
+            continue
+        if len(part.optimizer.state) == 0 and part.init_state_fn is not None:
+            part.init_state_fn(part.optimizer, part.config)
+            if not distrib_optimizer.HAVE_APEX_OR_TE:
+                for state in part.optimizer.state.values():
+                    state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def load_optimizer_state(optimizer, state_dict) -> None:
+    """megatron's ``optimizer.load_state_dict``, sub-optimizer by sub-optimizer as its
+    ChainedOptimizer does; a distributed one with torch's Adam loads its parameter state with the
+    per-parameter ``step`` set aside, then given back one tensor per parameter. megatron 0.16's
+    ``_set_main_param_and_optimizer_states`` copies every entry of the Adam state from the loaded
+    tensors, which never hold the step, and its ``load_state_dict`` hands every parameter the
+    SAME step tensor, which torch's Adam then increments once per parameter (apex / TE fused Adam
+    keep the step in the parameter groups)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    parts = optimizer_parts(optimizer)
+    states = [state_dict] if len(parts) == 1 else [v for _, v in sorted(state_dict.items())] \
+        if isinstance(state_dict, dict) else list(state_dict)
+    if distrib_optimizer.HAVE_APEX_OR_TE or len(parts) != len(states):
+        optimizer.load_state_dict(state_dict)  # megatron's own path (and its message on a mismatch)
+        return
+    for part, state in zip(parts, states):
+        if not isinstance(part, distrib_optimizer.DistributedOptimizer) or "param_state" not in state \
+                or state.get("param_state_sharding_type") != "fully_reshardable":
+            part.load_state_dict(state)
+            continue
+        common = {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
+        part.load_state_dict(common)  # groups, step, loss scaler; allocates the Adam state
+        steps = {param: s.pop("step") for param, s in part.optimizer.state.items() if "step" in s}
+        try:
+            part.load_parameter_state_from_fully_reshardable(state["param_state"])
+        finally:
+            for param, step in steps.items():
+                part.optimizer.state[param]["step"] = step.clone()

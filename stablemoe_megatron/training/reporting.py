@@ -120,8 +120,12 @@ class Reporter:
             value = total(name)
             if value is not None:
                 parts.append(f"{label}: {value:.6E}")
+        if r.get("loss_scale") is not None:
+            parts.append(f"loss scale: {r['loss_scale']:.1f}")
         if r.get("grad_norm") is not None:
             parts.append(f"grad norm: {r['grad_norm']:.3f}")
+        if r.get("skipped_iterations"):
+            parts.append(f"number of skipped iterations: {r['skipped_iterations']:3d}")
         worst = max((v["load_max_over_mean"] for v in moe.values() if "load_max_over_mean" in v), default=None)
         if worst is not None:
             parts.append(f"max/mean expert load: {worst:.2f}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -89,12 +89,26 @@ def _schedule(ctx: StepContext, iterator, forward_only: bool, seq_length: Option
         micro_batch_size=ctx.micro_batch_size, forward_only=forward_only)
 
 
-def train_step(ctx: StepContext, train_iterator, stop_requested: Callable[[], bool] = lambda: False):
+class StepResult(NamedTuple):
+    """What :func:`train_step` reports (the same on every rank, except ``loss``: last stage only)."""
+
+    loss: Optional[torch.Tensor]  # mean LM loss over the global batch (None off the last pipeline stage)
+    grad_norm: Optional[float]  # None when nothing was updated
+    nonfinite: bool  # the loss is NaN/inf somewhere: nothing was updated
+    signalled: bool  # a stop signal reached some rank
+    skipped: bool = False  # megatron skipped the update: inf/nan gradients under loss scaling (--fp16)
+    loss_scale: float = 1.0  # the loss scale of this step's gradients (1 without loss scaling)
+
+
+def train_step(ctx: StepContext, train_iterator, stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
     """zero grads -> forward/backward over the micro-batches -> optimizer steps.
 
-    Returns (loss, grad_norm, non-finite anywhere, stop signal anywhere); on a non-finite loss
-    nothing is updated, so the weights stay the last good ones.
+    On a non-finite loss nothing is updated, so the weights stay the last good ones. On inf/nan
+    gradients under loss scaling megatron skips the update, as Megatron-LM does (no weight, optimizer,
+    distilled-router or learning-rate step; the dynamic scaler counts it), and the iteration counts.
     """
+    from stablemoe_megatron.training.optim import optimizer_step
+
     ctx.wrapped_model.zero_grad_buffer()
     ctx.optimizer.zero_grad()
     if ctx.side_optimizer is not None:
@@ -102,13 +116,14 @@ def train_step(ctx: StepContext, train_iterator, stop_requested: Callable[[], bo
     loss = mean_lm_loss(_schedule(ctx, train_iterator, forward_only=False))
     nonfinite, signalled = stop_flags(loss, stop_requested())  # read after the step: a late signal counts
     if nonfinite:
-        return loss, None, nonfinite, signalled
-    _, grad_norm, _ = ctx.optimizer.step()
-    if ctx.side_optimizer is not None:
-        ctx.side_optimizer.step(ctx.current_lr())
-    ctx.scheduler.step(increment=ctx.global_batch)
+        return StepResult(loss, None, nonfinite, signalled)
+    updated, grad_norm, loss_scale = optimizer_step(ctx.optimizer)
+    if updated:
+        if ctx.side_optimizer is not None:
+            ctx.side_optimizer.step(ctx.current_lr(), grad_scale=loss_scale)
+        ctx.scheduler.step(increment=ctx.global_batch)
     ctx.model.finalize_moe_step(ctx.dp_group)
-    return loss, grad_norm, nonfinite, signalled
+    return StepResult(loss, grad_norm if updated else None, nonfinite, signalled, not updated, loss_scale)
 
 
 @torch.no_grad()

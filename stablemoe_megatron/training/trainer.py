@@ -7,6 +7,7 @@ step and at the end (the routing probe). The loop in :mod:`.loop` reads top to b
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -52,6 +53,7 @@ class Trainer:
     signals: object = None  # signals.StopSignals
     callbacks: List[Callback] = field(default_factory=list)
     save_lock: object = None  # save_dir.SaveDirLock held by rank 0 while the run writes --save
+    started_at: float = field(default_factory=time.monotonic)  # the job's start (pretrain sets it)
 
     # -- the step ---------------------------------------------------------------------------------
     def step_context(self) -> StepContext:
@@ -61,8 +63,14 @@ class Trainer:
                            self.side_optimizer, self.dp_group)
 
     def stop_requested(self) -> bool:
-        """A stop signal (SIGUSR1 / SIGTERM) reached this rank."""
-        return bool(self.signals is not None and self.signals.received)
+        """A stop signal (SIGUSR1 / SIGTERM) reached this rank, or --exit-duration-in-mins has passed."""
+        return bool(self.signals is not None and self.signals.received) or self.duration_exceeded()
+
+    def duration_exceeded(self) -> bool:
+        """Megatron-LM's ``--exit-duration-in-mins``: minutes since the job started (this rank's clock;
+        the loop's all-reduce of the stop flag lets the slowest rank decide for all)."""
+        minutes = self.config.training.exit_duration_in_mins
+        return bool(minutes) and (time.monotonic() - self.started_at) / 60.0 > minutes
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -112,4 +120,5 @@ class Trainer:
                 f"PP {ps.get_pipeline_model_parallel_world_size()} EP {ps.get_expert_model_parallel_world_size()} "
                 f"DP {ps.get_data_parallel_world_size()} | global batch {self.global_batch} "
                 f"({self.num_microbatches} micro-batches of {c.training.micro_batch_size}) | "
-                f"starting at iteration {self.state.iteration}, stage {self.state.stage}")
+                f"starting at iteration {self.state.iteration}, stage {self.state.stage}\n"
+                f"{c.moe.layout_summary(c.model.num_layers)}")
