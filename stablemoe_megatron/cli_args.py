@@ -1,6 +1,9 @@
 """Command line generated from the config dataclasses (Megatron-LM flag names).
 
 Precedence: dataclass defaults < ``--config FILE.yaml`` < flags given on the command line.
+One default follows another flag: ``--moe-router-topk`` k > 1 without ``--moe-router`` (flag or file)
+selects ``switch``, Megatron-LM's softmax top-k router and the only one here that takes k > 1, so a
+Megatron-LM top-k MoE command line runs as written.
 The YAML file may be nested by section (``moe: {num_experts: 32}``) or flat with flag names
 (``num-experts: 32`` / ``num_experts: 32``).
 """
@@ -134,10 +137,14 @@ def parse_config(argv: Optional[Sequence[str]] = None, prog: str = "stablemoe-tr
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
-    config = RunConfig.from_dict(load_yaml(config_file)) if config_file else RunConfig()
+    from_file = load_yaml(config_file) if config_file else {}
+    config = RunConfig.from_dict(from_file)
     for dest, value in args.items():
         section, name = dest.split(".", 1)
         setattr(getattr(config, section), name, _one_of_list(section, name, value))
+    router_given = "moe.router" in args or "router" in from_file.get("moe", {})
+    if not router_given and (config.moe.router_topk or 1) > 1:
+        config.moe.router = "switch"  # a Megatron-LM top-k command line: its softmax router (module doc)
     return config
 
 

@@ -25,6 +25,10 @@ def test_moe_defaults_are_the_authors_run():
     assert (config.model.activation, config.optimizer.weight_decay) == ("gelu", 0.01)
 
 
+# Megatron-LM requires the size flags and the run length: the tiny ones these checks use
+SIZES = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+         "--train-iters", "10"]
+
 @pytest.mark.parametrize("router,capacity", [("stablemoe", 2.0), ("expert-choice", 2.0), ("switch", None),
                                              ("base", None), ("hash", None)])
 def test_capacity_factor_is_the_routers_default_unless_given(router, capacity):
@@ -48,14 +52,14 @@ def test_capacity_factor_is_the_routers_default_unless_given(router, capacity):
     (["--moe-token-shuffle", "--moe-router", "hash"], True),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
 def test_token_shuffle_is_on_unless_a_context_dependent_distilled_router(flags, shuffles):
-    config = parse_config(["--num-experts", "4", "--data-path", "x", *flags])
+    config = parse_config([*SIZES, "--num-experts", "4", "--data-path", "x", *flags])
     config.validate(1)
     assert config.moe.shuffles_tokens is shuffles
 
 
 @pytest.mark.parametrize("distill", ["cnn", "transformer"])
 def test_token_shuffle_with_a_context_dependent_distilled_router_is_a_config_error(distill):
-    config = parse_config(["--num-experts", "4", "--data-path", "x", "--moe-token-shuffle",
+    config = parse_config([*SIZES, "--num-experts", "4", "--data-path", "x", "--moe-token-shuffle",
                            "--moe-distill-router", distill])
     with pytest.raises(ConfigError) as err:
         config.validate(1)
@@ -76,7 +80,7 @@ SHUFFLE_BATCH_CASES = {
 def test_token_shuffle_needs_a_rank_s_tokens_divisible_by_the_data_parallel_size(name):
     world, batch_flags, (each, tokens, dp) = SHUFFLE_BATCH_CASES[name]
     model = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--max-position-embeddings",
-             "64", "--data-path", "x", *batch_flags]
+             "64", "--data-path", "x", "--train-iters", "10", *batch_flags]
     flags = ["--num-experts", "4", *model]
     with pytest.raises(ConfigError) as err:
         parse_config(flags).validate(world)

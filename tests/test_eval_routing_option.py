@@ -55,10 +55,12 @@ def test_export_of_a_stage_1_checkpoint_routes_like_its_evaluation():
 def test_without_a_distilled_router_either_value_is_accepted_and_has_no_effect():
     from stablemoe_megatron.cli_args import parse_config
 
+    sizes = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+             "--train-iters", "10"]
     for value in ("backbone", "distilled"):
-        config = parse_config(["--num-experts", "4", "--moe-router", "hash", "--moe-eval-routing", value,
+        config = parse_config([*sizes, "--num-experts", "4", "--moe-router", "hash", "--moe-eval-routing", value,
                                "--data-path", "x"])
         config.validate(1)
         assert not config.moe.routes_distilled_in_evaluation
     assert parse_config(["--num-experts", "4"]).moe.eval_routing == "distilled"
-    parse_config(["--num-experts", "4", "--moe-router", "hash", "--data-path", "x"]).validate(1)
+    parse_config([*sizes, "--num-experts", "4", "--moe-router", "hash", "--data-path", "x"]).validate(1)

@@ -205,3 +205,40 @@ def test_flag_table_is_generated_and_every_recorded_flag_is_accepted():
     verdicts = {flag: verdict for flag, _, _, verdict in rows()}
     assert verdicts["--clip-grad"] == "same" and verdicts["--context-parallel-size"].startswith("not supported")
     assert len(verdicts) == len(MEGATRON_FLAGS)
+
+
+def megatron_moe_command_line(data, save: Path, metrics: Path) -> list:
+    """A typical Megatron-LM MoE pretrain_gpt.py command line (tiny sizes), as a user would bring it."""
+    return [str(a) for a in [
+        "--use-mcore-models", "--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4,
+        "--seq-length", 32, "--max-position-embeddings", 32, "--position-embedding-type", "rope",
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+        "--num-experts", 4, "--moe-layer-freq", 1, "--moe-router-topk", 2, "--moe-router-load-balancing-type",
+        "aux_loss", "--moe-aux-loss-coeff", 1e-2, "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
+        "--expert-model-parallel-size", 2, "--recompute-granularity", "full", "--recompute-method", "uniform",
+        "--recompute-num-layers", 1, "--bf16", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
+        "--train-samples", 64, "--micro-batch-size", 4, "--global-batch-size", 8, "--lr", 3e-3,
+        "--lr-decay-style", "cosine", "--lr-warmup-fraction", 0.1, "--min-lr", 3e-4, "--weight-decay", 0.1,
+        "--clip-grad", 1.0, "--use-distributed-optimizer", "--distributed-backend", "nccl",
+        "--data-path", data["prefix"], "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", data["tokenizer_model"], "--log-interval", 1, "--eval-interval", 1000,
+        "--eval-iters", 1, "--save", save, "--load", save, "--save-interval", 4, "--seed", 1234,
+        "--metrics-file", metrics]]
+
+
+def test_a_typical_megatron_lm_moe_command_line_runs_unchanged(data, tmp_path):
+    """swiglu, no bias, top-2 in every layer, full recompute, bf16, --train-samples, the distributed
+    optimizer, EP 2: the router is Megatron-LM's softmax top-k (switch), and it trains."""
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    argv = megatron_moe_command_line(data, save, tmp_path / "metrics.jsonl")
+    config = parse_config(argv)
+    config.validate(2)
+    assert (config.moe.router, config.moe.effective_router_topk, config.training.train_iters) == ("switch", 2, 8)
+    assert sorted(config.moe.moe_placement(2)) == [1, 2]
+    results, records = run_distributed(train, 2, ep=2, args=(argv,))[-1]
+    losses = losses_by_iteration(records)
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
+    assert sum(losses[i] for i in (7, 8)) < sum(losses[i] for i in (1, 2))
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    assert math.isfinite(results["validation_loss"])

@@ -164,7 +164,8 @@ def test_trainer_logs_the_moe_bypassed_validation(data, tmp_path):
     with pytest.raises(ConfigError, match=r"^--eval-moe-bypass skips the paper-layout MoE blocks; this model has "
                                           r"none \(dense, or --moe-layer-freq puts the experts in the MLPs\): "
                                           r"drop --eval-moe-bypass$"):
-        parse_config(["--data-path", str(data["prefix"]), "--eval-moe-bypass"]).validate(1)
+        parse_config(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+                      "--train-iters", "4", "--data-path", str(data["prefix"]), "--eval-moe-bypass"]).validate(1)
 
 
 def test_moe_input_statistics_against_numpy():

@@ -74,7 +74,8 @@ class MoEConfig:
     """Mixture-of-Experts layer settings. ``num_experts=None`` means a dense model."""
 
     num_experts: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "number of experts; absent = dense model"})
-    router: str = field(default="stablemoe", metadata={"help": "routing algorithm", "choices": ROUTERS})
+    router: str = field(default="stablemoe", metadata={"choices": ROUTERS, "help": "routing algorithm "
+        "(default stablemoe; switch when --moe-router-topk > 1 is given without it: Megatron-LM's top-k router)"})
     router_topk: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "experts per token k (Megatron-LM's TopKRouter); k > 1 only with a router that can send "
                 "a token to several experts (switch: the k largest of softmax(W h), Megatron's aux-loss "
