@@ -138,6 +138,8 @@ def parse_config(argv: Optional[Sequence[str]] = None, prog: str = "stablemoe-tr
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
     from_file = load_yaml(config_file) if config_file else {}
+    from_file = {section: {name: _one_of_list(section, name, value) for name, value in values.items()}
+                 for section, values in from_file.items()}
     config = RunConfig.from_dict(from_file)
     for dest, value in args.items():
         section, name = dest.split(".", 1)
@@ -152,8 +154,8 @@ def _one_of_list(section: str, name: str, value):
     """A flag Megatron-LM takes as a list (one entry per load-balancing type) holds one value here."""
     if not isinstance(value, list) or section not in SECTIONS:
         return value
-    fld = next(f for f in dataclasses.fields(SECTIONS[section][0]) if f.name == name)
-    if not fld.metadata.get("megatron_list"):
+    fld = next((f for f in dataclasses.fields(SECTIONS[section][0]) if f.name == name), None)
+    if fld is None or not fld.metadata.get("megatron_list"):
         return value
     if len(value) != 1:
         raise ConfigError(f"{flag_name(section, name)} takes one value here (one load-balancing loss per "

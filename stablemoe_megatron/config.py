@@ -187,8 +187,8 @@ class MegatronCompatConfig:
     overlap_grad_reduce: bool = field(default=False, metadata={
         "help": "overlap the data-parallel gradient reduce with the backward (megatron DDP's option)"})
     overlap_param_gather: bool = field(default=False, metadata={
-        "help": "overlap the distributed optimizer's parameter all-gather with the forward (megatron's option; "
-                "needs --use-distributed-optimizer and --overlap-grad-reduce)"})
+        "help": "accepted, no effect here: the distributed optimizer's parameter all-gather runs after the step, "
+                "not overlapped with the next forward"})
     attention_softmax_in_fp32: bool = field(default=False, metadata={
         "help": "attention softmax in fp32 under --bf16 / --fp16 (megatron's option)"})
     no_masked_softmax_fusion: bool = field(default=False, metadata={"flag": "--no-masked-softmax-fusion",

@@ -122,13 +122,20 @@ def test_unknown_exported_activation_is_refused():
         ExportedGPT(config)
 
 
+def _sized() -> RunConfig:
+    config = RunConfig()
+    config.model.num_layers, config.model.hidden_size, config.model.num_attention_heads = 2, 32, 4
+    config.model.seq_length = 16
+    return config
+
+
 def test_old_run_config_without_the_key_is_gelu_and_another_activation_is_refused():
-    values = RunConfig().to_dict()
+    values = _sized().to_dict()
     del values["model"]["activation"]
     saved = config_from_yaml_text(yaml.safe_dump(values))
     assert saved.model.activation == "gelu"
-    check_checkpoint_compatible(RunConfig(), saved, "old_ckpt")  # same model: no error
-    relu = RunConfig()
+    check_checkpoint_compatible(_sized(), saved, "old_ckpt")  # same model: no error
+    relu = _sized()
     relu.model.activation = "relu"
     with pytest.raises(ConfigError, match=r"--activation relu \(checkpoint: gelu\)"):
         check_checkpoint_compatible(relu, saved, "old_ckpt")

@@ -80,7 +80,7 @@ def test_moe_layer_freq_has_megatrons_meaning(freq, layers):
     ("[0,0,0,0]", "--moe-layer-freq pattern has no MoE layer (no 1): drop --num-experts for a dense model"),
     ("[2,0,0,1]", "--moe-layer-freq '[2,0,0,1]' must give a list of 0 (dense) and 1 (MoE), got [2, 0, 0, 1]"),
     ("__import__('os')", "--moe-layer-freq \"__import__('os')\": an integer k, or a list pattern such as \"([0]+[1]*3)\""),
-    ("[os.system]", "--moe-layer-freq '[os.system]': a list pattern may hold only [ ] ( ) digits + * and commas"),
+    ("[os.system]", "--moe-layer-freq '[os.system]': a list pattern may hold only [ ] ( ) digits + * and commas (no **)"),
 ])
 def test_bad_moe_layer_freq(freq, message):
     assert _message(["--num-experts", "4", "--moe-layer-freq", freq]) == message
@@ -242,3 +242,25 @@ def test_a_typical_megatron_lm_moe_command_line_runs_unchanged(data, tmp_path):
     assert sum(losses[i] for i in (7, 8)) < sum(losses[i] for i in (1, 2))
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
     assert math.isfinite(results["validation_loss"])
+
+
+def test_resume_checks_compare_biases_swiglu_and_the_moe_placement_not_its_spelling(tmp_path):
+    from stablemoe_megatron.training.preflight import check_checkpoint_compatible
+
+    base = [*SIZES, "--num-experts", "4"]
+    saved = parse_config([*base, "--moe-layer-freq", "2", "--disable-bias-linear"])
+    check_checkpoint_compatible(parse_config([*base, "--moe-layer-freq", "[1,0,1,0]", "--disable-bias-linear"]),
+                                saved, "ckpt")  # layers 1, 3 either way
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint_compatible(parse_config([*base, "--moe-layer-freq", "1", "--swiglu"]), saved, "ckpt")
+    assert str(err.value) == (
+        "--load ckpt holds a different model: --ffn-hidden-size 128 (checkpoint: 256); --swiglu True (checkpoint: "
+        "False); linear biases on (checkpoint: off; add --disable-bias-linear); --moe-layer-freq layers 1,2,3,4 "
+        "(checkpoint: layers 1,3). Use the checkpoint's settings (see its run_config.yaml).")
+
+
+def test_aux_loss_coeff_list_in_a_config_file_and_no_power_in_patterns(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("moe-aux-loss-coeff: [0.02]\n")
+    assert parse_config(["--config", str(path)]).moe.aux_loss_coeff == 0.02
+    assert _message(["--num-experts", "4", "--moe-layer-freq", "[1]*2**2"]).endswith("(no **)")

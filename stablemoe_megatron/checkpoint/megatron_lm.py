@@ -121,7 +121,7 @@ def megatron_args(config: RunConfig, padded_vocab_size: Optional[int], iteration
         moe_ffn_hidden_size=(moe.expert_ffn_hidden_size or m.ffn_size) if moe.enabled else None,
         moe_router_topk=moe.effective_router_topk if moe.enabled else None,
         micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size, train_iters=t.train_iters,
-        seed=t.seed, bf16=t.bf16, fp16=False, lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
+        seed=t.seed, bf16=t.bf16, fp16=t.fp16, lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
         tokenizer_type=d.tokenizer_type, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
         merge_file=d.merge_file, ckpt_format="torch_dist", iteration=iteration,
         consumed_train_samples=consumed_train_samples, consumed_valid_samples=0,

@@ -41,7 +41,7 @@ def describe(path) -> Dict[str, object]:
                   "tokenizer_vocab_size": ckpt.tokenizer_vocab_size(), "dtypes": dtypes},
         "moe": None if not moe.enabled else {
             "num_experts": moe.num_experts, "router": moe.router,
-            "layout": f"megatron (every {moe.layer_freq}th MLP)" if moe.megatron_layout else f"paper ({moe.layer_positions})",
+            "layout": "megatron (MoE MLPs)" if moe.megatron_layout else f"paper ({moe.layer_positions})",
             "moe_layers": {str(n - 1): where for n, where in sorted(moe.moe_placement(run.model.num_layers).items())},
             "sublayers_per_expert": moe.sublayers_per_moe_layer(),
             "distill_router": moe.effective_distill_router, "stage2_start_iter": moe.stage2_start_iter},

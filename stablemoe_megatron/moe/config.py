@@ -44,8 +44,8 @@ def parse_layer_freq(text):
         except ValueError:
             raise ConfigError(f"--moe-layer-freq {text!r}: an integer k, or a list pattern such as "
                               f"\"([0]+[1]*3)\"") from None
-    if not _PATTERN_CHARS.fullmatch(text):
-        raise ConfigError(f"--moe-layer-freq {text!r}: a list pattern may hold only [ ] ( ) digits + * and commas")
+    if not _PATTERN_CHARS.fullmatch(text) or "**" in text:
+        raise ConfigError(f"--moe-layer-freq {text!r}: a list pattern may hold only [ ] ( ) digits + * and commas (no **)")
     try:
         value = eval(text, {"__builtins__": {}}, {})  # noqa: S307 - characters checked above
     except Exception as exc:  # noqa: BLE001 - any syntax error is the same bad input

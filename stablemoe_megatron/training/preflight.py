@@ -26,7 +26,8 @@ from stablemoe_megatron.training.save_dir import check_existing_work, resumes_fr
 # checkpoint only loads into the same values. A run_config.yaml without a key has its default.
 SHAPE_FIELDS = {
     "model": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "normalization",
-              "position_embedding_type", "untie_embeddings_and_output_weights", "activation"),
+              "position_embedding_type", "untie_embeddings_and_output_weights", "activation", "swiglu",
+              "add_bias_linear"),
     "moe": ("num_experts", "router", "layer_positions", "layer_freq", "sublayers_per_expert",
             "expert_ffn_hidden_size", "distill_router", "distill_dim", "distill_layers"),
 }
@@ -44,11 +45,33 @@ def check_checkpoint_compatible(config: RunConfig, saved: RunConfig, load_dir, w
             now, then = getattr(getattr(config, section), name), getattr(getattr(saved, section), name)
             if section == "moe" and name == "distill_router":
                 now, then = config.moe.effective_distill_router, saved.moe.effective_distill_router
+            elif section == "moe" and name == "layer_freq" and now is not None and then is not None:
+                now, then = _moe_layers(config), _moe_layers(saved)  # equal placements, any spelling
+            elif section == "model" and name == "ffn_hidden_size":
+                now, then = config.model.ffn_size, saved.model.ffn_size  # the default spelled out is the same
             if now != then:
-                diffs.append(f"{flag_name(section, name)} {now} (checkpoint: {then})")
+                diffs.append(_bias_difference(now, then) if name == "add_bias_linear"
+                             else f"{flag_name(section, name)} {now} (checkpoint: {then})")
     if diffs:
         raise ConfigError(f"{what or f'--load {load_dir}'} holds a different model: " + "; ".join(diffs)
                           + ". Use the checkpoint's settings (see its run_config.yaml).")
+
+
+def _bias_difference(now: bool, then: bool) -> str:
+    word = {True: "on", False: "off"}
+    return (f"linear biases {word[now]} (checkpoint: {word[then]}; "
+            f"{'add' if then is False else 'drop'} --disable-bias-linear)")
+
+
+def _moe_layers(config: RunConfig) -> str:
+    """The MoE layers of --moe-layer-freq as 'layers 1,3', whatever its spelling (int or pattern)."""
+    from stablemoe_megatron.moe.config import layer_pattern
+
+    try:
+        pattern = layer_pattern(config.moe.layer_freq, config.model.num_layers)
+    except ConfigError:
+        return str(config.moe.layer_freq)
+    return "layers " + ",".join(str(i + 1) for i, on in enumerate(pattern) if on)
 
 
 class Checked(NamedTuple):
