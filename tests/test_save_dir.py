@@ -101,10 +101,23 @@ def test_second_run_on_the_same_save_stops_and_a_killed_holder_frees_it(data, tm
         if holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)  # like an out-of-memory kill: no clean-up at all
         holder.wait(timeout=30)
+    _wait_until_free(save, timeout=60)  # kill -9 leaves no stale lock (a dying child may hold it a moment)
     latest = int((save / TRACKER).read_text())
     third = _flags(data, **{"--train-iters": latest + 1, "--save": save, "--load": save})
     results, _ = run_distributed(train, 1, args=(third,))[0]
     assert results["iteration"] == latest + 1
+
+
+def _wait_until_free(save, timeout: float) -> None:
+    """The lock of ``save`` can be taken within ``timeout`` seconds (no process still holds it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            SaveDirLock.acquire(save).release()
+            return
+        except ConfigError:
+            assert time.monotonic() < deadline, f"--save {save} still locked {timeout:g} s after the holder died"
+            time.sleep(0.5)
 
 
 # -- existing checkpoints --------------------------------------------------------------------------
