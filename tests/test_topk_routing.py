@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from moe_cases import EXPERTS, SEQ, VOCAB, batch, build, forward_backward, forward_backward_together
+from moe_cases import EXPERTS, SEQ, VOCAB, batch, build, forward_backward
 from moe_cases import positions, reduce_grads_like_megatron
-from distributed import global_tensors, load_global_tensors, max_abs_diff_to_global, run_distributed
+from distributed import load_global_tensors, max_abs_diff_to_global, run_distributed
 from test_moe_layer import count_every_host_copy, seq_major
+from test_moe_parallel import _reference  # every rank's batch as one micro-batch in one process
 
 from stablemoe_megatron import routing
 from stablemoe_megatron.errors import ConfigError
@@ -282,13 +283,6 @@ def test_layer_routes_pairs_with_megatron_capacity(k, pre_softmax):
         assert res["dropped"] >= res["pairs"] // 2, res  # capacity 0.5: at most half the pairs fit
         assert res["metric_counts"] == res["counts"] and sum(res["counts"]) == res["pairs"] - res["dropped"]
         assert res["dropped_fraction"] == pytest.approx(res["dropped"] / res["pairs"])
-
-
-def _reference(case, num_batches):
-    model = build(**case)
-    weights = global_tensors(model)
-    losses = forward_backward_together(model, num_batches)
-    return weights, losses, global_tensors(model, grads=True)
 
 
 def _parallel(case, weights, ref_losses, ref_grads):
