@@ -536,6 +536,9 @@ def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
     sampler = MegatronPretrainingBatchSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
+        # its own generator: a DataLoader iterator draws a seed from the global RNG when it starts, which
+        # shifted the dropout stream of a resumed run (created at the resume, not at iteration 0)
+        generator=torch.Generator().manual_seed(0),
         persistent_workers=num_workers > 0, collate_fn=collate_micro_batch)
     return iter(loader)
 

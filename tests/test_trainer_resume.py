@@ -56,6 +56,22 @@ def test_resumed_run_reproduces_losses_bitwise(data, tmp_path, uninterrupted, st
     assert results["validation_loss"] == ref_results["validation_loss"]
 
 
+def test_resume_with_dropout_reproduces_losses_bitwise(data, tmp_path):
+    """Megatron-LM's default dropout 0.1: the resumed run draws the same dropout masks (a data
+    loader started at the resume once took a seed from the global RNG and shifted them)."""
+    drop = {"--hidden-dropout": 0.1, "--attention-dropout": 0.1, "--train-iters": 8, "--save-interval": 4}
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    for d in (full_dir, part_dir):
+        (d / "ckpt").mkdir(parents=True)
+    _, records = _run(_flags(data, full_dir, "full", **drop), 1)
+    reference = losses_by_iteration(records)
+    _run(_flags(data, part_dir, "first", **drop, **{"--exit-interval": 4}), 1)
+    _, records = _run(_flags(data, part_dir, "second", **drop), 1)
+    resumed = losses_by_iteration(records)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[i] == reference[i] for i in resumed), (resumed, reference)
+
+
 EP2_CASES = {
     # StableMoE with the default flags, stopped at the stage switch
     "stablemoe-resume-at-switch": ({}, 8),
