@@ -25,6 +25,7 @@ setup(
         "tensorboard",
         "pyyaml",
         "psutil",  # needed by megatron-core's torch_dist checkpoint saving, not declared by it
+        "sacrebleu",  # BLEU and chrF of translation checkpoints (stablemoe-translate --score)
         "matplotlib",  # stablemoe-routing-report's plots (the quick start ends with a routing report)
     ],
     extras_require={
@@ -42,6 +43,7 @@ setup(
             "stablemoe-preprocess-data=stablemoe_megatron.cli.preprocess_data:main",
             "stablemoe-convert-checkpoint=stablemoe_megatron.cli.convert_checkpoint:main",
             "stablemoe-routing-report=stablemoe_megatron.cli.routing_report:main",
+            "stablemoe-translate=stablemoe_megatron.cli.translate:main",
         ]
     },
 )

@@ -41,7 +41,7 @@ class OptimizerConfig:
     lr: float = field(default=6e-4, metadata={"range": "[0, inf)", "help": "peak learning rate"})
     min_lr: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "learning rate at the end of decay"})
     lr_decay_style: str = field(default="linear", metadata={
-        "help": "decay after warm-up", "choices": ("constant", "linear", "cosine")})
+        "help": "decay after warm-up", "choices": ("constant", "linear", "cosine", "inverse-square-root")})
     lr_warmup_iters: int = field(default=0, metadata={"range": "[0, inf)", "help": "linear warm-up iterations"})
     lr_warmup_samples: int = field(default=0, metadata={"range": "[0, inf)",
         "help": "linear warm-up in samples (with --train-samples)"})
@@ -66,6 +66,9 @@ class TrainingConfig:
         "help": "optimizer steps (this or --train-samples is required)"})
     train_samples: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "samples to train on: --train-iters = this // --global-batch-size (instead of --train-iters)"})
+    label_smoothing: float = field(default=0.0, metadata={"range": "[0, 1)", "help":
+        "label smoothing of the training loss (--model-family encoder_decoder; the paper's translation "
+        "runs: 0.1); validation reports the plain NLL"})
     seed: int = field(default=1234, metadata={"range": "[0, 4294967295]", "help": "random seed"})
     bf16: bool = field(default=False, metadata={
         "help": "bf16 parameters and compute; fp32 main weights and gradients (megatron's Float16Module)"})
@@ -325,7 +328,9 @@ class RunConfig:
         if self.megatron.overlap_grad_reduce and self.parallel.pipeline_model_parallel_size > 1:
             raise ConfigError("--overlap-grad-reduce with --pipeline-model-parallel-size > 1 is not supported here: "
                               "drop --overlap-grad-reduce")
-        self.moe.validate(self.model.num_layers, self.training.train_iters)
+        for stack_layers in sorted({self.model.encoder_layers, self.model.decoder_layers}
+                                   if self.model.model_family == "encoder_decoder" else {self.model.num_layers}):
+            self.moe.validate(stack_layers, self.training.train_iters)
         self._validate_layout()
         self._validate_schedule()
         self._validate_data()
@@ -397,6 +402,7 @@ class RunConfig:
         ParallelSizes(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                       par.expert_model_parallel_size, par.expert_tensor_parallel_size or 1).validate(world_size)
         self.model.validate(par.tensor_model_parallel_size)
+        self.model.validate_family(par.pipeline_model_parallel_size)
 
     def _validate_layout(self) -> None:
         """Experts vs EP, sequence parallelism for MoE under TP, layers vs PP."""

@@ -135,6 +135,8 @@ def _fit_batch(config, world: int, batch_given: bool) -> None:
 def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int], full_split: bool = False) -> dict:
     from megatron.core import parallel_state as ps
 
+    from stablemoe_megatron.model.config import is_encoder_decoder
+
     from stablemoe_megatron import data as data_lib
     from stablemoe_megatron.training.build import build, layout_of
     from stablemoe_megatron.training.checkpointing import load_checkpoint
@@ -146,7 +148,12 @@ def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int], full
     saved = load_checkpoint(load_dir, trainer.ddp_model, layout=layout_of(config), load_optim=False)
     if saved.stage == 2 or stage == 2:
         trainer.model.enter_stage_two()
-    datasets = data_lib.build_datasets(config, trainer.tokenizer, world, require_train=False, full_eval=full_split)
+    if is_encoder_decoder(config):  # parallel text: --valid-data-path / --test-data-path pairs
+        from stablemoe_megatron import parallel_text as data_lib
+
+        datasets = data_lib.build_datasets(config, trainer.tokenizer.eod, 0)
+    else:
+        datasets = data_lib.build_datasets(config, trainer.tokenizer, world, require_train=False, full_eval=full_split)
     dataset = datasets[2] if split == "test" else datasets[1]
     if dataset is None:
         raise ConfigError(f"the {split} split is empty: check --split or pass --eval-data-path")
@@ -160,7 +167,7 @@ def evaluate_checkpoint(config, load_dir, split: str, stage: Optional[int], full
     loss = evaluate(trainer.step_context(), factory, iterations)
     result = {"split": split, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "iteration": saved.iteration,
               "stage": trainer.model.stage if config.moe.enabled else None, "samples": iterations * gbs,
-              "tokens": iterations * gbs * config.model.seq_length, "checkpoint": str(load_dir)}
+              "tokens": iterations * gbs * config.model.tokens_per_sample, "checkpoint": str(load_dir)}
     if full_split:
         result["split_samples"] = len(dataset)
     return result

@@ -16,7 +16,7 @@ LAYERS = [
     ("foundation", ("errors", "runtime", "cpu_compat", "parallel")),
     ("settings and pure algorithms", ("routing", "tokenizer", "data_integrity", "checkpoint", "config", "cli_args",
                                       "size_configs", "model.config", "moe.config")),
-    ("megatron building blocks", ("moe", "model", "data")),
+    ("megatron building blocks", ("moe", "model", "data", "parallel_text")),
     ("analysis", ("analysis",)),
     ("training and export", ("training", "export")),
     ("entry points", ("train", "evaluate", "entry", "cli")),

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=1,
                    help="SentencePiece training threads (more is faster; 1 guarantees identical models)")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own training log")
+    p.add_argument("--user-defined-symbols", nargs="+", default=[], metavar="SYMBOL",
+                   help="strings always kept as one piece (SentencePiece user_defined_symbols), e.g. "
+                        "the language tags <fr> <de> of the translation corpus")
     return p
 
 
@@ -118,6 +121,7 @@ def train(args) -> dict:
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
+            user_defined_symbols=list(args.user_defined_symbols),
             max_sentence_length=MAX_SENTENCE_BYTES,
             input_sentence_size=0,
             shuffle_input_sentence=False,

@@ -10,11 +10,17 @@ POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "relu")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+MODEL_FAMILIES = ("gpt", "encoder_decoder")
 
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # megatron-core's recompute_modules names (TransformerConfig); the last three are refused here
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "mla_up_proj", "shared_experts")
+
+
+def is_encoder_decoder(run) -> bool:
+    """Whether a RunConfig's model is the encoder-decoder (translation) family."""
+    return run.model.model_family == "encoder_decoder"
 
 
 def transformer_engine_missing() -> Optional[str]:
@@ -51,6 +57,19 @@ class ModelConfig:
     seq_length: Optional[int] = field(default=None, metadata={"range": "[1, inf)", "help": "tokens per training sample (required)"})
     max_position_embeddings: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
         "help": "learned position embeddings (default --seq-length)"})
+    model_family: str = field(default="gpt", metadata={"choices": MODEL_FAMILIES, "help":
+        "gpt (decoder-only language model) or encoder_decoder (translation: megatron-core's T5Model with "
+        "an MoE layer in each stack, trained on parallel text; docs/TRANSLATION.md)"})
+    encoder_num_layers: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
+        "help": "encoder layers of --model-family encoder_decoder (default --num-layers)"})
+    decoder_num_layers: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
+        "help": "decoder layers of --model-family encoder_decoder (default --num-layers)"})
+    encoder_seq_length: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
+        "help": "longest source in tokens, language tag and end-of-sentence included (encoder_decoder; "
+                "default --seq-length; longer sources are truncated)"})
+    decoder_seq_length: Optional[int] = field(default=None, metadata={"range": "[1, inf)",
+        "help": "longest target in tokens, end-of-sentence included (encoder_decoder; default --seq-length; "
+                "longer targets are truncated)"})
     position_embedding_type: str = field(default="learned_absolute", metadata={
         "help": "position embedding", "choices": POSITION_EMBEDDINGS})
     normalization: str = field(default="LayerNorm", metadata={"help": "norm", "choices": NORMALIZATIONS})
@@ -100,9 +119,52 @@ class ModelConfig:
 
     @property
     def max_positions(self) -> int:
-        return self.max_position_embeddings or self.seq_length
+        longest = max(self.seq_length or 0, self.source_length or 0, self.target_length or 0)
+        return self.max_position_embeddings or longest
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens a sample feeds the model (source + target for encoder_decoder)."""
+        if self.model_family == "encoder_decoder":
+            return self.source_length + self.target_length
+        return self.seq_length
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.encoder_num_layers or self.num_layers
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.decoder_num_layers or self.num_layers
+
+    @property
+    def source_length(self) -> Optional[int]:
+        """Padded source length of a translation sample (--encoder-seq-length, default --seq-length)."""
+        return self.encoder_seq_length or self.seq_length
+
+    @property
+    def target_length(self) -> Optional[int]:
+        """Padded target length of a translation sample (--decoder-seq-length, default --seq-length)."""
+        return self.decoder_seq_length or self.seq_length
+
+    def validate_family(self, pipeline_parallel: int) -> None:
+        """The encoder-decoder family's rules (no-op for gpt)."""
+        if self.model_family not in MODEL_FAMILIES:
+            raise ConfigError(f"--model-family must be one of {', '.join(MODEL_FAMILIES)}, got {self.model_family!r}")
+        if self.model_family == "gpt":
+            for name in ("encoder_num_layers", "decoder_num_layers", "encoder_seq_length", "decoder_seq_length"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name.replace('_', '-')} is for --model-family encoder_decoder: drop it")
+            return
+        if pipeline_parallel > 1:
+            raise ConfigError("--model-family encoder_decoder with --pipeline-model-parallel-size > 1 is not "
+                              "supported: megatron-core 0.16's pipeline schedules pass one activation between "
+                              "stages, an encoder-decoder stage needs two (decoder state and encoder output); "
+                              "use tensor, expert and data parallelism (--pipeline-model-parallel-size 1)")
 
     def validate(self, tensor_parallel: int = 1) -> None:
+        if self.seq_length is None and self.model_family == "encoder_decoder" and self.encoder_seq_length:
+            self.seq_length = self.encoder_seq_length  # Megatron-LM: --seq-length is the encoder's
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             if getattr(self, name) is None:
                 raise ConfigError(f"--{name.replace('_', '-')} is required (as in Megatron-LM): give it, or "

@@ -100,12 +100,18 @@ def moe_layer_spec(moe: MoEConfig, vocab_size: int, use_te: bool, num_sublayers:
     )
 
 
-def decoder_layer_specs(config, moe: MoEConfig, vocab_size: int, use_te: bool = False, host_ep_group=None):
-    """One ModuleSpec per transformer layer of the whole model (before pipeline slicing)."""
+def decoder_layer_specs(config, moe: MoEConfig, vocab_size: int, use_te: bool = False, host_ep_group=None,
+                        dense_spec=None):
+    """One ModuleSpec per transformer layer of the whole model (before pipeline slicing).
+
+    ``dense_spec(use_te)`` gives a fresh dense layer spec (default: megatron's GPT layer; the
+    encoder-decoder model passes its encoder / decoder layers); MoE layers are placed in it as
+    ``moe.moe_placement`` says.
+    """
     specs = []
     placement = moe.moe_placement(config.num_layers)
     for layer_number in range(1, config.num_layers + 1):
-        spec = _dense_layer_spec(use_te)
+        spec = (dense_spec or _dense_layer_spec)(use_te)
         where = placement.get(layer_number)
         if where == "mlp":
             spec.submodules.mlp = moe_layer_spec(moe, vocab_size, use_te, 1, False, host_ep_group)
@@ -127,9 +133,9 @@ def decoder_layer_specs(config, moe: MoEConfig, vocab_size: int, use_te: bool = 
 
 def decoder_block_spec(config, moe: MoEConfig, vocab_size: int, use_te: bool = False,
                        host_ep_group=None, vp_stage: Optional[int] = None,
-                       pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+                       pp_rank: Optional[int] = None, dense_spec=None) -> TransformerBlockSubmodules:
     """The TransformerBlock spec of this pipeline stage (megatron's slicing by layer offset)."""
-    specs = decoder_layer_specs(config, moe, vocab_size, use_te, host_ep_group)
+    specs = decoder_layer_specs(config, moe, vocab_size, use_te, host_ep_group, dense_spec)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if use_te:

@@ -17,6 +17,7 @@ import torch
 
 from stablemoe_megatron import data as data_lib
 from stablemoe_megatron.config import RunConfig
+from stablemoe_megatron.model.config import is_encoder_decoder
 from stablemoe_megatron.runtime import is_first_rank, world_size_from_env
 from stablemoe_megatron.training.preflight import preflight
 from stablemoe_megatron.training.stage import StageSchedule
@@ -51,7 +52,12 @@ def build_model(config: RunConfig, vocab_size: int):
     from stablemoe_megatron.parallel import host_expert_parallel_group
 
     tconfig = transformer_config_for(config)
-    model = build_gpt(config.model, config.moe, vocab_size, tconfig, host_ep_group=host_expert_parallel_group())
+    if is_encoder_decoder(config):
+        from stablemoe_megatron.model.encdec import build_model as build_encoder_decoder
+
+        model = build_encoder_decoder(config, vocab_size, tconfig, host_ep_group=host_expert_parallel_group())
+    else:
+        model = build_gpt(config.model, config.moe, vocab_size, tconfig, host_ep_group=host_expert_parallel_group())
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if config.moe.enabled and config.moe.hash_table == "frequency" and _table_from_data(config):
@@ -183,12 +189,19 @@ def _attach_data(trainer: Trainer, world_size: int) -> None:
     from megatron.core import parallel_state as ps
 
     config = trainer.config
-    train, valid, test = data_lib.build_datasets(config, trainer.tokenizer, world_size)
+    if is_encoder_decoder(config):
+        from stablemoe_megatron import parallel_text as source
+
+        train, valid, test = source.build_datasets(config, trainer.tokenizer.eod,
+                                                   config.training.train_iters * config.global_batch(world_size))
+    else:
+        source = data_lib
+        train, valid, test = data_lib.build_datasets(config, trainer.tokenizer, world_size)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     micro, workers = config.training.micro_batch_size, config.data.num_workers
-    trainer.train_iterator = lambda: data_lib.micro_batches(
+    trainer.train_iterator = lambda: source.micro_batches(
         train, trainer.state.consumed_train_samples, micro, dp_rank, dp_size, workers)
     if valid is not None:
-        trainer.valid_iterator = lambda: data_lib.micro_batches(valid, 0, micro, dp_rank, dp_size, workers)
+        trainer.valid_iterator = lambda: source.micro_batches(valid, 0, micro, dp_rank, dp_size, workers)
     if test is not None:
-        trainer.test_iterator = lambda: data_lib.micro_batches(test, 0, micro, dp_rank, dp_size, workers)
+        trainer.test_iterator = lambda: source.micro_batches(test, 0, micro, dp_rank, dp_size, workers)

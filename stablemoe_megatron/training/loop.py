@@ -144,7 +144,7 @@ def _log_iteration(trainer: Trainer, reporter: Reporter, loss, grad_norm, elapse
     skipped iterations (inf/nan gradients) since the last line."""
     moe = gather_moe_metrics(trainer.model, steps) if trainer.config.moe.enabled else {}  # collective
     trainer.stage.check_frozen(trainer.model)
-    seq = trainer.config.model.seq_length
+    seq = trainer.config.model.tokens_per_sample
     record = {
         "iteration": trainer.state.iteration, "stage": trainer.state.stage,
         "consumed_samples": trainer.state.consumed_train_samples,

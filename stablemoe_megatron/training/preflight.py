@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from stablemoe_megatron import data as data_lib
+from stablemoe_megatron import data as data_lib, parallel_text
 from stablemoe_megatron.cli_args import config_from_yaml_text
 from stablemoe_megatron.config import RunConfig
 from stablemoe_megatron.errors import ConfigError
+from stablemoe_megatron.model.config import is_encoder_decoder
 from stablemoe_megatron.checkpoint import (
     CONFIG_FILE, STATE_FILE, TRACKER, complete_iterations, read_train_state, resolve_load_dir)
 from stablemoe_megatron.checkpoint.megatron_lm import COMMON_FILE, model_differences
@@ -25,7 +26,7 @@ from stablemoe_megatron.training.save_dir import check_existing_work, resumes_fr
 # Settings that define the model's parameters (and the function they compute: ``activation``): a
 # checkpoint only loads into the same values. A run_config.yaml without a key has its default.
 SHAPE_FIELDS = {
-    "model": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "normalization",
+    "model": ("model_family", "num_layers", "encoder_num_layers", "decoder_num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "normalization",
               "position_embedding_type", "untie_embeddings_and_output_weights", "activation", "swiglu",
               "add_bias_linear"),
     "moe": ("num_experts", "router", "layer_positions", "layer_freq", "sublayers_per_expert",
@@ -88,7 +89,10 @@ def preflight(config: RunConfig, world_size: int, resume: bool = True) -> Checke
     """All checks that need no process group (``resume=False``: ignore --load, as evaluation does)."""
     config.validate(world_size)
     config.model.recompute_kwargs(config.parallel.pipeline_model_parallel_size)  # the --recompute-* flags
-    data_lib.check_data_paths(config.data)
+    if is_encoder_decoder(config):
+        parallel_text.check_parallel_data(config.data)
+    else:
+        data_lib.check_data_paths(config.data)
     tokenizer = data_lib.tokenizer_from_config(config.data)
     load_dir, saved_state = None, None
     ckpt = config.checkpoint
@@ -105,7 +109,7 @@ def preflight(config: RunConfig, world_size: int, resume: bool = True) -> Checke
     if weights is not None:
         check_weights_source(config, weights, tokenizer)
     vocab = config.model.padded_vocab_size(tokenizer.vocab_size, config.parallel.tensor_model_parallel_size)
-    data_lib.check_token_range(config.data, tokenizer.vocab_size)
+    (parallel_text if is_encoder_decoder(config) else data_lib).check_token_range(config.data, tokenizer.vocab_size)
     return Checked(tokenizer, vocab, load_dir, saved_state, weights)
 
 

@@ -44,6 +44,7 @@ import torch
 
 from stablemoe_megatron.analysis.fluctuation import QUOTED, changed_fraction, describe_curves, history_curves
 from stablemoe_megatron.analysis.history import CONFIG, CURVE, PROBE_DIR, Layout, ProbeHistory
+from stablemoe_megatron.model.config import is_encoder_decoder
 from stablemoe_megatron.runtime import is_last_rank as _is_last_rank
 from stablemoe_megatron.training.trainer import Callback
 
@@ -111,12 +112,18 @@ class _Recorder:
         return out
 
 
-def _micro_batches(sequences: torch.Tensor, micro_batch_size: int):
-    """Batches in the trainer's format over [n_pad, S] sequences (labels are unused)."""
+def _micro_batches(sequences: torch.Tensor, micro_batch_size: int, targets: Optional[torch.Tensor] = None):
+    """Batches in the trainer's format over [n_pad, S] sequences (labels are unused); with
+    ``targets`` [n_pad, S] parallel-text batches (source = sequences, decoder input = targets)."""
     seq = sequences.shape[1]
     positions = torch.arange(seq).unsqueeze(0)
     for i in range(0, sequences.shape[0], micro_batch_size):
         tokens = sequences[i:i + micro_batch_size]
+        if targets is not None:
+            target = targets[i:i + micro_batch_size]
+            yield {"source": tokens, "source_padding": torch.zeros(tokens.shape, dtype=torch.bool),
+                   "target_input": target, "labels": target, "loss_mask": torch.ones(target.shape)}
+            continue
         yield {"tokens": tokens, "labels": tokens, "position_ids": positions.expand_as(tokens).clone(),
                "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)}
 
@@ -126,8 +133,9 @@ class RoutingProbe(Callback):
 
     def __init__(self, sequences: torch.Tensor, layout: Layout, interval: int,
                  history: Optional[ProbeHistory] = None, last_iteration: Optional[int] = None,
-                 note: Optional[str] = None):
+                 note: Optional[str] = None, targets: Optional[torch.Tensor] = None):
         self.sequences = sequences        # [n_seq, S]; the first layout.num_tokens tokens are probed
+        self.targets = targets            # encoder-decoder: [n_seq, S] decoder inputs of the same pairs
         self.layout = layout
         self.interval = interval
         self.history = history
@@ -143,7 +151,13 @@ class RoutingProbe(Callback):
 
         config = trainer.config
         num_tokens, seq = config.logging.routing_probe_tokens, config.model.seq_length
-        sequences = data_lib.probe_tokens(config.data, num_tokens, seq, config.training.seed)
+        targets = None
+        if is_encoder_decoder(config):
+            from stablemoe_megatron import parallel_text
+
+            sequences, targets = parallel_text.probe_pairs(config, num_tokens, trainer.tokenizer.eod)
+        else:
+            sequences = data_lib.probe_tokens(config.data, num_tokens, seq, config.training.seed)
         views = _all_gather({layer.layer_number: router_views(layer.router) for layer in trainer.model.moe_layers})
         merged = {k: v for part in views for k, v in part.items()}
         layout = Layout(sorted(merged), merged, num_tokens, config.moe.num_experts)
@@ -152,7 +166,7 @@ class RoutingProbe(Callback):
             history, note = _open_history(trainer, layout, sequences.reshape(-1)[:num_tokens].numpy())
         last = history.records[-1]["iteration"] if history is not None and history.records else None
         return cls(sequences, layout, config.logging.routing_probe_interval, history,
-                   _broadcast_from_last(last), note)
+                   _broadcast_from_last(last), note, targets)
 
     # -- the trainer's hooks ----------------------------------------------------------------------
     def on_step_end(self, trainer, reporter) -> None:
@@ -192,13 +206,15 @@ class RoutingProbe(Callback):
 
         micro = trainer.config.training.micro_batch_size
         count = math.ceil(self.sequences.shape[0] / micro)
-        padded = self.sequences[torch.arange(count * micro).clamp(max=self.sequences.shape[0] - 1)]
+        rows = torch.arange(count * micro).clamp(max=self.sequences.shape[0] - 1)
+        padded = self.sequences[rows]
+        targets = self.targets[rows] if self.targets is not None else None
         recorder = _Recorder(trainer.model, self.layout)
         was_training = trainer.ddp_model.training
         trainer.ddp_model.eval()
         try:
             get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=_micro_batches(padded, micro),
+                forward_step_func=forward_step, data_iterator=_micro_batches(padded, micro, targets),
                 model=[trainer.ddp_model], num_microbatches=count, seq_length=self.sequences.shape[1],
                 micro_batch_size=micro, forward_only=True)
         finally:

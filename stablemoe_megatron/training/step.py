@@ -52,10 +52,23 @@ def forward_step(data_iterator, model):
     """megatron schedule callback: one micro-batch through the model (every pipeline stage)."""
     batch = next(data_iterator)
     here = device()
+    if "source" in batch:  # parallel text (the encoder-decoder model)
+        return _translation_forward(batch, model, here)
     host_tokens = batch["tokens"]
     tokens = host_tokens.to(here, non_blocking=True)
     output = model(tokens, batch["position_ids"].to(here, non_blocking=True), None,
                    labels=batch["labels"].to(here, non_blocking=True), host_token_ids=host_tokens)
+    return output, partial(_loss_func, batch["loss_mask"].to(here, non_blocking=True))
+
+
+def _translation_forward(batch, model, here):
+    """One parallel-text micro-batch (:mod:`stablemoe_megatron.parallel_text`) through the
+    encoder-decoder model: per-token loss [B, T], masked mean over the target tokens."""
+    source, target = batch["source"], batch["target_input"]
+    output = model(source.to(here, non_blocking=True), target.to(here, non_blocking=True),
+                   batch["source_padding"].to(here, non_blocking=True),
+                   labels=batch["labels"].to(here, non_blocking=True),
+                   host_source_ids=source, host_target_ids=target)
     return output, partial(_loss_func, batch["loss_mask"].to(here, non_blocking=True))
 
 
