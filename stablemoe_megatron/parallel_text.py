@@ -13,10 +13,15 @@ A sample (fairseq's convention, with the tokenizer's end-of-document id as EOS):
   (the EOS kept);
 * decoder input ``EOS y_1 .. y_m`` and labels ``y_1 .. y_m EOS``, truncated to ``--decoder-seq-length``.
 
-Micro-batches pad every sample to the fixed lengths (so every data-parallel rank holds the same
-number of tokens at an MoE layer, as the token shuffle and the all-to-alls need); padding uses the
-EOS id, is masked out of the loss, and the source padding is masked out of attention
-(``source_padding``). Padded positions still pass through the MoE layers like any token.
+Batching as fairseq does it, so little compute goes to padding: training reads each epoch in a
+seeded random order, sorts every window of ``BUCKET_BATCHES`` global batches by length, cuts the
+window into global batches and shuffles their order (:class:`EpochSampler`); every micro-batch is
+padded to the longest pair of its micro-step over ALL data-parallel ranks, rounded up to a multiple
+of ``PAD_MULTIPLE`` and capped at the configured lengths (:class:`PaddedBatchSampler`: each rank
+knows the others' samples, so all ranks pad alike and hold the same number of tokens at an MoE
+layer, as the token shuffle and the all-to-alls need). Padding uses the EOS id, is masked out of
+the loss, and the source padding is masked out of attention (``source_padding``). Padded positions
+still pass through the MoE layers like any token.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ SOURCE_KEY, TARGET_KEY = "src", "tgt"
 PREPROCESS_HINT = ("make the pair with tools/preprocess_data.py --json-keys src tgt --output-prefix PREFIX "
                    "(no --append-eod), then pass PREFIX")
 FLAGS = ("--data-path", "--valid-data-path", "--test-data-path")
+BUCKET_BATCHES = 50  # global batches per length-sorted window
+PAD_MULTIPLE = 8
 
 
 def pair_prefixes(prefix: str) -> Tuple[str, str]:
@@ -108,6 +115,18 @@ class ParallelTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def lengths_by_sample(self):
+        """As :meth:`EpochSampler.lengths_by_sample`, in corpus order (validation, test)."""
+        sources, targets = self.lengths()
+        return (lambda idx: sources[idx]), (lambda idx: targets[idx]), (self.source_length, self.target_length)
+
+    def lengths(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(source, target) lengths of every sample as the model sees them: source + EOS and EOS +
+        target (= target + EOS), capped at the configured lengths; int64 [N] each."""
+        source = np.minimum(np.asarray(self.source.sequence_lengths, dtype=np.int64) + 1, self.source_length)
+        target = np.minimum(np.asarray(self.target.sequence_lengths, dtype=np.int64) + 1, self.target_length)
+        return source, target
+
     def __getitem__(self, index: int) -> dict:
         source = np.asarray(self.source[index], dtype=np.int64)[: self.source_length - 1]
         target = np.asarray(self.target[index], dtype=np.int64)[: self.target_length - 1]
@@ -115,18 +134,20 @@ class ParallelTextDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads samples to [B, S] / [B, T] micro-batch tensors (module docstring); picklable for workers."""
+    """Pads samples to [B, S] / [B, T] micro-batch tensors (module docstring); picklable for workers.
+    S and T are the micro-step's padded lengths (each sample carries them), else the configured ones."""
 
     def __init__(self, source_length: int, target_length: int, eos_id: int):
         self.source_length, self.target_length, self.eos_id = source_length, target_length, eos_id
 
     def __call__(self, samples: List[dict]) -> Dict[str, torch.Tensor]:
         batch = len(samples)
-        source = torch.full((batch, self.source_length), self.eos_id, dtype=torch.long)
-        padding = torch.ones((batch, self.source_length), dtype=torch.bool)
-        target_input = torch.full((batch, self.target_length), self.eos_id, dtype=torch.long)
-        labels = torch.full((batch, self.target_length), self.eos_id, dtype=torch.long)
-        loss_mask = torch.zeros((batch, self.target_length), dtype=torch.float32)
+        src_len, tgt_len = samples[0].get("pad", (self.source_length, self.target_length))
+        source = torch.full((batch, src_len), self.eos_id, dtype=torch.long)
+        padding = torch.ones((batch, src_len), dtype=torch.bool)
+        target_input = torch.full((batch, tgt_len), self.eos_id, dtype=torch.long)
+        labels = torch.full((batch, tgt_len), self.eos_id, dtype=torch.long)
+        loss_mask = torch.zeros((batch, tgt_len), dtype=torch.float32)
         for row, sample in enumerate(samples):
             src, tgt = torch.from_numpy(sample["source"]), torch.from_numpy(sample["target"])
             source[row, :len(src)] = src
@@ -138,46 +159,112 @@ class Collator:
                 "labels": labels, "loss_mask": loss_mask}
 
 
-def micro_batches(dataset: ParallelTextDataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+def _round_up(value: int, multiple: int, cap: int) -> int:
+    return min(cap, -(-int(value) // multiple) * multiple)
+
+
+class PaddedBatchSampler:
+    """Megatron's pretraining batch sampler (:class:`~stablemoe_megatron.data.MegatronPretrainingBatchSampler`:
+    resumes at ``consumed_samples``), yielding ``(index, source pad, target pad)`` per sample: the
+    longest pair of the whole micro-step (every DP rank's slice), rounded up (module docstring)."""
+
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 total_samples: int):
+        from stablemoe_megatron.data import MegatronPretrainingBatchSampler
+
+        self.inner = MegatronPretrainingBatchSampler(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size)
+        self.dataset, self.mbs, self.rank = dataset, micro_batch_size, dp_rank
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        src_lengths, tgt_lengths, caps = self.dataset.lengths_by_sample()
+        for indices in self.inner:
+            first = indices[0] - self.rank * self.mbs
+            step = np.arange(first, first + self.inner.chunk)
+            pad = (_round_up(src_lengths(step).max(), PAD_MULTIPLE, caps[0]),
+                   _round_up(tgt_lengths(step).max(), PAD_MULTIPLE, caps[1]))
+            yield [(index, *pad) for index in indices]
+
+
+class _Padded(torch.utils.data.Dataset):
+    """A dataset read by :class:`PaddedBatchSampler`'s ``(index, S, T)`` items."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item) -> dict:
+        index, src_len, tgt_len = item
+        return dict(self.dataset[index], pad=(src_len, tgt_len))
+
+
+def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
                   dp_size: int, num_workers: int = 0, total_samples: Optional[int] = None):
     """This DP rank's micro-batches from sample ``consumed_samples`` on (Megatron's pretraining
-    batch sampler: the same order as the GPT data, an epoch = one pass over the pairs)."""
-    from stablemoe_megatron.data import MegatronPretrainingBatchSampler
-
+    batch sampler over ``dataset``'s order; padded per micro-step, see the module docstring)."""
     total = len(dataset) if total_samples is None else min(int(total_samples), len(dataset))
-    sampler = MegatronPretrainingBatchSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
+    sampler = PaddedBatchSampler(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size, total)
+    dataset = _Padded(dataset)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
         # its own generator: a DataLoader iterator draws a seed from the global RNG when it starts, which
         # shifted the dropout stream of a resumed run (created at the resume, not at iteration 0)
         generator=torch.Generator().manual_seed(0),
         persistent_workers=num_workers > 0,
-        collate_fn=Collator(dataset.source_length, dataset.target_length, dataset.eos_id))
+        collate_fn=Collator(dataset.dataset.source_length, dataset.dataset.target_length, dataset.dataset.eos_id))
     return iter(loader)
 
 
 class EpochSampler(torch.utils.data.Dataset):
-    """Training samples over several epochs: index i -> pair ``perm_e[i mod n]`` of epoch e = i // n,
-    each epoch a seeded permutation (numpy, seed + epoch), so a resumed run reads the same order."""
+    """Training samples over several epochs, length-bucketed (module docstring): index i -> pair
+    ``order_e[i mod n]`` of epoch e = i // n. ``order_e``: a permutation seeded by (seed, e), each
+    window of ``BUCKET_BATCHES`` global batches sorted by length (stable), cut into global batches
+    whose order within the window is shuffled. Deterministic, so a resumed run reads the same order."""
 
-    def __init__(self, dataset: ParallelTextDataset, num_samples: int, seed: int):
-        self.dataset, self.num_samples, self.seed = dataset, int(num_samples), int(seed)
+    def __init__(self, dataset: ParallelTextDataset, num_samples: int, seed: int, global_batch: int):
+        self.dataset, self.num_samples, self.seed, self.global_batch = dataset, int(num_samples), int(seed), global_batch
         self.source_length, self.target_length, self.eos_id = \
             dataset.source_length, dataset.target_length, dataset.eos_id
-        self._epoch, self._order = None, None
+        self._sources, self._targets = dataset.lengths()
+        self._orders: Dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> dict:
+    def order(self, epoch: int) -> np.ndarray:
+        """[n] the pairs of ``epoch`` in reading order."""
+        if epoch not in self._orders:
+            rng = np.random.RandomState((self.seed * 1000003 + epoch) % (2 ** 32))
+            perm = rng.permutation(len(self.dataset))
+            size = self.global_batch * BUCKET_BATCHES
+            parts = []
+            for start in range(0, len(perm), size):
+                window = perm[start:start + size]
+                window = window[np.argsort(self._sources[window] + self._targets[window], kind="stable")]
+                batches = [window[i:i + self.global_batch] for i in range(0, len(window), self.global_batch)]
+                parts.extend(batches[j] for j in rng.permutation(len(batches)))
+            self._orders = {epoch: np.concatenate(parts)}  # one epoch at a time
+        return self._orders[epoch]
+
+    def pair_index(self, index: int) -> int:
         epoch, offset = divmod(int(index), len(self.dataset))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.RandomState((self.seed + epoch) % (2 ** 32)).permutation(len(self.dataset))
-        return self.dataset[int(self._order[offset])]
+        return int(self.order(epoch)[offset])
+
+    def lengths_by_sample(self):
+        """(source lengths of sample indices, target lengths of sample indices, (S cap, T cap))."""
+        pick = np.vectorize(self.pair_index, otypes=[np.int64])
+        return (lambda idx: self._sources[pick(idx)]), (lambda idx: self._targets[pick(idx)]), \
+            (self.source_length, self.target_length)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.pair_index(index)]
 
 
-def build_datasets(config, eos_id: int, num_train_samples: int):
+def build_datasets(config, eos_id: int, num_train_samples: int, global_batch: int = 1):
     """(train, valid, test) datasets of a translation run (None where no prefix was given)."""
     found = prefixes(config.data)
     model = config.model
@@ -185,7 +272,7 @@ def build_datasets(config, eos_id: int, num_train_samples: int):
             if prefix else None for flag, prefix in found.items()}
     train = made["--data-path"]
     if train is not None and num_train_samples:
-        train = EpochSampler(train, num_train_samples, config.training.seed)
+        train = EpochSampler(train, num_train_samples, config.training.seed, global_batch)
     return train, made["--valid-data-path"], made["--test-data-path"]
 
 

@@ -192,8 +192,9 @@ def _attach_data(trainer: Trainer, world_size: int) -> None:
     if is_encoder_decoder(config):
         from stablemoe_megatron import parallel_text as source
 
-        train, valid, test = source.build_datasets(config, trainer.tokenizer.eod,
-                                                   config.training.train_iters * config.global_batch(world_size))
+        batch = config.global_batch(world_size)
+        train, valid, test = source.build_datasets(config, trainer.tokenizer.eod, config.training.train_iters * batch,
+                                                   batch)
     else:
         source = data_lib
         train, valid, test = data_lib.build_datasets(config, trainer.tokenizer, world_size)
