@@ -158,6 +158,10 @@ def export_checkpoint(src, out_dir, *, stage: Optional[int] = None, dtype: Optio
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
     stage_used = routing_stage(ckpt.config, ckpt.state.stage, stage)
+    if ckpt.config.model.model_family == "encoder_decoder":  # a translation model: its own names and config.json
+        from stablemoe_megatron.export.seq2seq_export import export_encoder_decoder
+
+        return export_encoder_decoder(ckpt, out, stage_used, dtype, DTYPE_NAMES.get(dtype), tokenizer_files or {}, log)
     vocab_rows = ckpt.model_tensors()["embedding.word_embeddings.weight"].shape[0]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
