@@ -305,3 +305,35 @@ def test_export_translates_without_megatron(trained, tmp_path):
     model, tokenizer = load_model(exported=tmp_path / "export")
     expected = translate_texts(model, tokenizer, ["3 4 5", "9 8 7 6"], Search(beam_size=2))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+    from stablemoe_megatron.errors import ConfigError
+    from stablemoe_megatron.export.model import ExportedGPT
+
+    with pytest.raises(ConfigError) as err:  # the GPT tools (perplexity, generate) say what to use
+        ExportedGPT.from_pretrained(tmp_path / "export")
+    assert str(err.value) == (f"{tmp_path / 'export' / 'config.json'}: a translation (encoder-decoder) export: "
+                              f"translate with tools/translate.py --exported DIR (perplexity/generate are for "
+                              f"GPT exports)")
+
+
+def test_inspect_counts_both_stacks(trained):
+    """convert_checkpoint inspect on a translation checkpoint: both stacks' MoE layers and every
+    parameter (the total equals the megatron model's parameter count)."""
+    from stablemoe_megatron.cli_args import config_from_yaml_text
+    from stablemoe_megatron.export.summary import describe
+
+    info = describe(trained)
+    assert info["moe"]["moe_layers"] == {"encoder.0": "after", "decoder.0": "after"}
+    assert info["parameters"]["distilled"] == 2 * (info["model"]["vocab_rows"] * 50 + 4 * 50)
+    config = config_from_yaml_text((Path(trained) / "run_config.yaml").read_text())
+    model = run_distributed(_parameter_count, 1, args=(config,))[0]
+    assert info["parameters"]["total"] == model
+
+
+def _parameter_count(config):
+    from stablemoe_megatron.training.build import build
+
+    trainer = build(config, "bench", vocab_size=128)
+    try:
+        return sum(p.numel() for p in trainer.model.parameters())
+    finally:
+        trainer.release()

@@ -100,6 +100,9 @@ class ExportedConfig:
                               f"(this code reads version {FORMAT_VERSION})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
+        if "encoder_decoder" in unknown:  # read by export/seq2seq.py, not by the GPT model
+            raise ConfigError(f"{where}: a translation (encoder-decoder) export: translate with "
+                              f"tools/translate.py --exported DIR (perplexity/generate are for GPT exports)")
         if unknown:
             raise ConfigError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
         values = dict(values)

@@ -19,10 +19,20 @@ def describe(path) -> Dict[str, object]:
     ckpt = TorchDistCheckpoint(path)
     run, state = ckpt.config, ckpt.state
     heads = run.model.num_attention_heads
-    shapes = names.exported_shapes({k: i.shape for k, i in ckpt.model_tensors().items()}, heads, heads)
+    translation = run.model.model_family == "encoder_decoder"
+    if translation:  # megatron's T5Model keys: the translation export's names
+        from stablemoe_megatron.export import seq2seq_export
+
+        shapes = {}
+        for key, info in ckpt.stored_tensors().items():
+            if seq2seq_export.is_model_key(key):
+                shapes.update(seq2seq_export._shapes(key, tuple(info.shape), heads, heads))
+    else:
+        shapes = names.exported_shapes({k: i.shape for k, i in ckpt.model_tensors().items()}, heads, heads)
     counts = names.parameter_counts(shapes)
     counts["total"] = sum(counts.values())
-    dtypes = sorted({str(i.dtype).replace("torch.", "") for i in ckpt.model_tensors().values()})
+    dtypes = sorted({str(i.dtype).replace("torch.", "") for i in ckpt.model_tensors().values()}
+                    or {str(i.dtype).replace("torch.", "") for i in ckpt.stored_tensors().values()})
     moe = run.moe
     return {
         "checkpoint": str(ckpt.directory),
@@ -32,7 +42,9 @@ def describe(path) -> Dict[str, object]:
         "stage": state.stage,
         "layout": state.layout,
         "optimizer_state": ckpt.has_optimizer_state(),
-        "model": {"num_layers": run.model.num_layers, "hidden_size": run.model.hidden_size,
+        "model": {"model_family": run.model.model_family,
+                  "num_layers": (f"{run.model.encoder_layers} encoder + {run.model.decoder_layers} decoder"
+                                 if translation else run.model.num_layers), "hidden_size": run.model.hidden_size,
                   "ffn_hidden_size": run.model.ffn_size, "num_attention_heads": heads,
                   "seq_length": run.model.seq_length, "position_embedding_type": run.model.position_embedding_type,
                   "normalization": run.model.normalization,
@@ -42,12 +54,23 @@ def describe(path) -> Dict[str, object]:
         "moe": None if not moe.enabled else {
             "num_experts": moe.num_experts, "router": moe.router,
             "layout": "megatron (MoE MLPs)" if moe.megatron_layout else f"paper ({moe.layer_positions})",
-            "moe_layers": {str(n - 1): where for n, where in sorted(moe.moe_placement(run.model.num_layers).items())},
+            "moe_layers": _moe_layers(run, translation),
             "sublayers_per_expert": moe.sublayers_per_moe_layer(),
             "distill_router": moe.effective_distill_router, "stage2_start_iter": moe.stage2_start_iter},
         "parameters": counts,
         "size_on_disk_bytes": sum(f.stat().st_size for f in Path(ckpt.directory).iterdir() if f.is_file()),
     }
+
+
+def _moe_layers(run, translation: bool) -> Dict[str, str]:
+    """{0-based exported layer: where}; a translation model's as "encoder.i" / "decoder.i"."""
+    moe, model = run.moe, run.model
+    if not translation:
+        return {str(n - 1): where for n, where in sorted(moe.moe_placement(model.num_layers).items())}
+    out = {}
+    for stack, layers in (("encoder", model.encoder_layers), ("decoder", model.decoder_layers)):
+        out.update({f"{stack}.{n - 1}": where for n, where in sorted(moe.moe_placement(layers).items())})
+    return out
 
 
 def _millions(value: int) -> str:
