@@ -29,6 +29,11 @@ MEGATRON_FLAGS: Dict[str, Tuple[object, Optional[str]]] = {
     "--ffn-hidden-size": (UNSET, "default 4h, with --swiglu int(8h/3/64)*64, as Megatron-LM"),
     "--num-attention-heads": (REQUIRED, None),
     "--seq-length": (REQUIRED, None),
+    # encoder-decoder (Megatron-LM's pretrain_t5.py flags; here with --model-family encoder_decoder)
+    "--encoder-num-layers": (UNSET, "default --num-layers; translation models only (--model-family encoder_decoder)"),
+    "--decoder-num-layers": (UNSET, "default --num-layers; translation models only"),
+    "--encoder-seq-length": (UNSET, "longest source (default --seq-length); translation models only"),
+    "--decoder-seq-length": (UNSET, "longest target (default --seq-length); translation models only"),
     "--max-position-embeddings": (UNSET, "default --seq-length (Megatron-LM requires it, >= --seq-length, for every "
                                          "position embedding type)"),
     "--position-embedding-type": ("learned_absolute", None),
@@ -74,7 +79,7 @@ MEGATRON_FLAGS: Dict[str, Tuple[object, Optional[str]]] = {
     # optimisation
     "--lr": (UNSET, "default 6e-4 (GPT-2 small; Megatron-LM has no default and its LR scheduler fails without one)"),
     "--min-lr": (0.0, None),
-    "--lr-decay-style": ("linear", "constant, linear, cosine (" + NOT_BUILT + ": inverse-square-root, WSD)"),
+    "--lr-decay-style": ("linear", "constant, linear, cosine, inverse-square-root (" + NOT_BUILT + ": WSD)"),
     "--lr-warmup-iters": (0, None),
     "--lr-warmup-samples": (0, None),
     "--lr-warmup-fraction": (UNSET, None),
