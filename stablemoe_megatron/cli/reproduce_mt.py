@@ -171,7 +171,8 @@ def _paired(runs: Dict[int, dict], reference: Dict[int, dict], key: str) -> str:
 def main_table(found: Dict[str, Dict[int, dict]]) -> str:
     layers = sorted({k.split("_")[1] for runs in found.values() for r in runs.values() for k in r
                      if k.startswith("fluct_")})
-    head = ["variant", "seeds", "valid PPL", "test PPL", "BLEU (avg)", "BLEU − stablemoe (paired)", "chrF (avg)"]
+    head = ["variant", "seeds", "valid PPL", "test PPL", "valid − stablemoe (paired)", "BLEU (avg)",
+            "BLEU − stablemoe (paired)", "chrF (avg)"]
     head += [f"fluct. {layer} >20% / >50% (%)" for layer in layers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     reference = found.get(REFERENCE, {})
@@ -180,7 +181,8 @@ def main_table(found: Dict[str, Dict[int, dict]]) -> str:
             continue
         rows = list(runs.values())
         cells = [f"{name} ({VARIANTS[name][0]})", str(len(rows)), _spread([r["valid_ppl"] for r in rows]),
-                 _spread([r["test_ppl"] for r in rows]), _spread([r["bleu"] for r in rows]),
+                 _spread([r["test_ppl"] for r in rows]),
+                 "-" if name == REFERENCE else _paired(runs, reference, "valid_ppl"), _spread([r["bleu"] for r in rows]),
                  "-" if name == REFERENCE else _paired(runs, reference, "bleu"), _spread([r["chrf"] for r in rows])]
         for layer in layers:
             a = [r.get(f"fluct_{layer}_after_20") for r in rows]
