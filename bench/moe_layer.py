@@ -398,6 +398,13 @@ def report(result: dict) -> str:
             verdict = "met" if ratio <= 0.5 else "NOT met"
             lines.append(f"goal: stage-2 StableMoE routing + dispatch + combine {mode} <= 0.5x megatron's: "
                          f"{ratio:.3f}x -> {verdict}")
+    if "base" in dispatch:  # BASE's auction: host syncs of one forward, and its forward time
+        syncs = dispatch["base"]["syncs"]
+        ratio = dispatch["base"]["fwd"]["ratio_to_megatron"][1]
+        lines.append("")
+        lines.append(f"BASE host syncs per call: {syncs} (goal <= 8: {'met' if syncs <= 8 else 'not met'})")
+        lines.append(f"BASE routing + dispatch + combine fwd / megatron's: {ratio:.3f}x "
+                     f"(goal <= 2x: {'met' if ratio <= 2 else 'not met'})")
     return "\n".join(lines)
 
 
