@@ -315,7 +315,7 @@ def test_reproduce_uses_the_tiny_file(tmp_path):
 def test_files_hold_the_papers_settings():
     from stablemoe_megatron.size_configs import available_sizes, load_size
 
-    assert available_sizes() == ["base", "large", "tiny"]
+    assert available_sizes() == ["base", "large", "mt_base", "mt_tiny", "tiny"]
     for name in ("base", "large"):
         c = load_size(name)
         assert c["training"]["global_batch_size"] * c["model"]["seq_length"] == 512 * 1024  # 512K tokens
@@ -330,6 +330,14 @@ def test_files_hold_the_papers_settings():
         assert (c["optimizer"]["adam_beta1"], c["optimizer"]["adam_beta2"], c["optimizer"]["clip_grad"],
                 c["optimizer"]["weight_decay"], c["model"]["hidden_dropout"]) == (0.9, 0.98, 0.1, 0.0, 0.0)
         assert c["model"]["activation"] == "relu"  # the authors' run (docs/RECIPE.md rows 6 and 15)
+    mt = load_size("mt_base")  # the paper's translation setting (Table 8)
+    assert mt["model"] == dict(mt["model"], model_family="encoder_decoder", num_layers=6, hidden_size=512,
+                               ffn_hidden_size=2048, num_attention_heads=8, encoder_seq_length=256,
+                               decoder_seq_length=256, hidden_dropout=0.1, attention_dropout=0.0)
+    assert (mt["moe"]["num_experts"], mt["moe"]["sublayers_per_expert"]) == (32, 3)
+    assert (mt["optimizer"]["lr"], mt["optimizer"]["lr_decay_style"], mt["optimizer"]["lr_warmup_iters"],
+            mt["optimizer"]["clip_grad"], mt["training"]["label_smoothing"]) == (5e-4, "inverse-square-root", 4000, 0.1, 0.1)
+    assert mt["training"]["global_batch_size"] * mt["model"]["encoder_seq_length"] == 512 * 1024  # 512K tokens
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +358,7 @@ def test_loader_reads_names_and_paths_like_the_trainer(tmp_path):
         assert _typed(parse_config(size_flags(name)).to_dict()) == _typed(size_run_config(name).to_dict())
         dense = parse_config(size_flags(name, without=("moe",))).to_dict()
         assert dense["moe"] == parse_config([]).to_dict()["moe"] and dense["model"] == size_run_config(name).to_dict()["model"]
-    with pytest.raises(ConfigError, match="unknown size 'huge'.*sizes: base, large, tiny"):
+    with pytest.raises(ConfigError, match="unknown size 'huge'.*sizes: base, large, mt_base, mt_tiny, tiny"):
         load_size("huge")
     with pytest.raises(ConfigError, match="no such file"):
         load_size(tmp_path / "missing.yaml")
@@ -370,7 +378,7 @@ def test_loader_as_a_file_for_the_shell(tmp_path):
     run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True, cwd=tmp_path, env=env)  # noqa: E731
     assert run("get", str(REPO / "configs/tiny.yaml"), "moe.num_experts", "moe.sublayers_per_expert",
                "training.train_iters").stdout == "4 2 400\n"
-    assert run("list").stdout.split() == ["base", "large", "tiny"]
+    assert run("list").stdout.split() == ["base", "large", "mt_base", "mt_tiny", "tiny"]
     flags = run("flags", "base", "--without", "moe").stdout.splitlines()
     assert flags[:2] == ["--num-layers", "12"] and "--num-experts" not in flags and "--bf16" in flags
     # the fast path (PyYAML alone) gives what the full reader gives, for every setting of every file
@@ -404,7 +412,7 @@ def test_recipes_read_the_file_and_the_environment_overrides_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in RECIPE_VARIABLES}
     done = subprocess.run(["bash", str(REPO / "examples/pretrain_hash.sh")], env=dict(env, SIZE="huge", DRY_RUN="1",
                           RUN_DIR=str(tmp_path / "huge")), capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 2 and "SIZE must be one of base large tiny (got huge" in done.stderr
+    assert done.returncode == 2 and "SIZE must be one of base large mt_base mt_tiny tiny (got huge" in done.stderr
     assert not (tmp_path / "huge").exists()
 
 
