@@ -233,7 +233,7 @@ def write_results(out: Path, args, names: Sequence[str], total_wall: Optional[fl
     wall = total_wall if total_wall is not None else sum(
         json.loads((out / n / f"seed{s}" / "run.json").read_text()).get("wall_s", 0.0)
         for n in names for s in found.get(n, {}))
-    text = [f"# Translation reproduction: every variant over seeds\n",
+    text = ["# Translation reproduction: every variant over seeds\n",
             f"{args.train_iters} iterations of `configs/mt_tiny.yaml` on `{args.data_dir}`, {args.nproc} process(es), "
             f"test set translated with beam {args.beam_size}; {runs} scored run(s); wall time {wall / 60:.1f} min.\n",
             "Mean ± sample standard deviation over the seeds; the paired column is (variant − stablemoe) at the "

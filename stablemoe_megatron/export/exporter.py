@@ -25,8 +25,7 @@ from stablemoe_megatron.export.safetensors_io import SafetensorsWriter, storage_
 from stablemoe_megatron.export.schema import (
     WEIGHTS_FILE,
     ExportedConfig,
-    MoEExport,
-    MoELayerPlacement,
+    moe_export,
     write_config,
 )
 from stablemoe_megatron.export.tokenizer_files import copy_tokenizer
@@ -70,23 +69,6 @@ def routing_stage(run_config, saved_stage: int, requested: Optional[int]) -> int
         raise ConfigError("--stage 1: this checkpoint is in stage 2; its backbone router kept training "
                           "only through the gate, so stage-1 routing is not the model that was trained")
     return requested
-
-
-def moe_export(run_config, stage: int) -> Optional[MoEExport]:
-    moe, model = run_config.moe, run_config.model
-    if not moe.enabled:
-        return None
-    if moe.effective_router_topk != 1:
-        raise ConfigError(f"this checkpoint routes top-{moe.effective_router_topk} (--moe-router-topk); the exported "
-                          f"pure-torch model routes top-1 only: evaluate it with stablemoe-eval --load instead")
-    placement = moe.moe_placement(model.num_layers)
-    layers = [MoELayerPlacement(number - 1, where, moe.sublayers_per_moe_layer() if where != "mlp" else 1)
-              for number, where in sorted(placement.items())]
-    distilled = moe.effective_distill_router
-    return MoEExport(num_experts=moe.num_experts, router=moe.router, routing_stage=stage,
-                     expert_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size, layers=layers,
-                     distilled_router={"kind": distilled, "dim": moe.distill_dim, "layers": moe.distill_layers}
-                     if distilled else None)
 
 
 def build_config(ckpt: TorchDistCheckpoint, vocab_rows: int, stage: int, dtype: str, tokenizer: dict) -> ExportedConfig:

@@ -246,6 +246,34 @@ class Layer(nn.Module):
         return x
 
 
+def load_weights_strictly(module: nn.Module, tensors: dict, weights: str = "exported weights",
+                          tensor: str = "exported tensor", config: str = "config.json") -> None:
+    """Load ``tensors`` into ``module`` by assignment (no copy); their names must equal the module's
+    parameter and buffer names and their shapes its shapes, else a ConfigError naming them (the
+    nouns ``weights`` / ``tensor`` / ``config`` say where they came from)."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ConfigError(f"{weights} do not match {config}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise ConfigError(f"{tensor} {name} has shape {tuple(value.shape)}, {config} implies "
+                              f"{tuple(own[name].shape)}")
+    module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def materialize(build, tensors: dict, device="cpu", dtype: Optional[torch.dtype] = None):
+    """``build()`` on the meta device (no memory), its weights assigned from ``tensors``
+    (:meth:`load_weights`), in evaluation mode, cast to ``dtype`` and moved to ``device``."""
+    with torch.device("meta"):
+        model = build()
+    model.load_weights(tensors)
+    model.eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device)
+
+
 class ExportedGPT(nn.Module):
     """The exported model. ``forward(token_ids [B, S]) -> logits [B, S, V]`` (V = padded vocab)."""
 
@@ -271,27 +299,12 @@ class ExportedGPT(nn.Module):
         from stablemoe_megatron.export.safetensors_io import SafetensorsFile
 
         config = read_config(export_dir)
-        with torch.device("meta"):
-            model = cls(config)
-        tensors = SafetensorsFile(Path(export_dir) / WEIGHTS_FILE).tensors()
-        model.load_weights(tensors)
-        model.eval()
-        if dtype is not None:
-            model = model.to(dtype)
-        return model.to(device)
+        return materialize(lambda: cls(config), SafetensorsFile(Path(export_dir) / WEIGHTS_FILE).tensors(),
+                           device, dtype)
 
     def load_weights(self, tensors: dict) -> None:
         """Strict: the exported names must equal this model's parameter and buffer names."""
-        own = self.state_dict()
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise ConfigError(f"exported weights do not match config.json: missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}")
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(own[name].shape):
-                raise ConfigError(f"exported tensor {name} has shape {tuple(tensor.shape)}, config.json "
-                                  f"implies {tuple(own[name].shape)}")
-        self.load_state_dict(tensors, strict=True, assign=True)
+        load_weights_strictly(self, tensors)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         seq = token_ids.shape[1]

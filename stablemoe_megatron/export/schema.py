@@ -17,7 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 from stablemoe_megatron.errors import ConfigError
 
@@ -118,16 +118,46 @@ class ExportedConfig:
         return self.kv_channels
 
 
-def read_config(export_dir) -> ExportedConfig:
+def read_config_values(export_dir) -> Tuple[Path, dict]:
+    """(path, parsed JSON) of ``export_dir``'s config.json; ConfigError when missing or not JSON."""
     path = Path(export_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{export_dir}: no {CONFIG_FILE}; not an exported model directory "
                           f"(make one with: convert_checkpoint.py export CHECKPOINT OUT_DIR)")
     try:
-        values = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_config(export_dir) -> ExportedConfig:
+    path, values = read_config_values(export_dir)
     return ExportedConfig.from_dict(values, str(path))
+
+
+def moe_export(run_config, stage: int, stacks: Optional[Sequence[Tuple[int, int]]] = None) -> Optional[MoEExport]:
+    """The MoE section of config.json for a RunConfig: routing, and the placement of every MoE layer.
+
+    ``stacks``: (first exported layer, layers) of each transformer stack, each placed by the run's
+    MoE flags (default: one stack of ``--num-layers``; a translation model passes its encoder's and
+    decoder's, so decoder layer i is exported as layer L_enc + i).
+    """
+    moe, model = run_config.moe, run_config.model
+    if not moe.enabled:
+        return None
+    if moe.effective_router_topk != 1:
+        raise ConfigError(f"this checkpoint routes top-{moe.effective_router_topk} (--moe-router-topk); the exported "
+                          f"pure-torch model routes top-1 only: evaluate it with stablemoe-eval --load instead")
+    layers = []
+    for first, count in stacks or ((0, model.num_layers),):
+        for number, where in sorted(moe.moe_placement(count).items()):
+            layers.append(MoELayerPlacement(first + number - 1, where,
+                                            moe.sublayers_per_moe_layer() if where != "mlp" else 1))
+    distilled = moe.effective_distill_router
+    return MoEExport(num_experts=moe.num_experts, router=moe.router, routing_stage=stage,
+                     expert_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size, layers=layers,
+                     distilled_router={"kind": distilled, "dim": moe.distill_dim, "layers": moe.distill_layers}
+                     if distilled else None)
 
 
 def write_config(export_dir, config: ExportedConfig) -> None:

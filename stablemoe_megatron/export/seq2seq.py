@@ -49,8 +49,8 @@ from torch import nn
 from stablemoe_megatron import routing
 from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.export.model import (
-    MoE, ExpertSublayer, _norm, activation_function, apply_rotary, rotary_tables)
-from stablemoe_megatron.export.schema import CONFIG_FILE, WEIGHTS_FILE, ExportedConfig
+    MoE, ExpertSublayer, _norm, activation_function, apply_rotary, load_weights_strictly, materialize, rotary_tables)
+from stablemoe_megatron.export.schema import CONFIG_FILE, WEIGHTS_FILE, ExportedConfig, read_config_values
 
 SECTION = "encoder_decoder"  # config.json's extra section of a translation export
 MASK_VALUE = -10000.0  # megatron's attention_mask_func fills masked scores with this
@@ -74,14 +74,7 @@ class Seq2SeqArch:
 
 def read_seq2seq_config(export_dir) -> Tuple[ExportedConfig, Seq2SeqArch]:
     """(ExportedConfig, Seq2SeqArch) of a translation export; ConfigError for a GPT export."""
-    path = Path(export_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{export_dir}: no {CONFIG_FILE}; not an exported model directory "
-                          f"(make one with: convert_checkpoint.py export CHECKPOINT OUT_DIR)")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    path, values = read_config_values(export_dir)
     section = values.pop(SECTION, None)
     if section is None:
         raise ConfigError(f"{export_dir}: a GPT (decoder-only) export, not a translation model: its {CONFIG_FILE} "
@@ -325,26 +318,11 @@ class ExportedSeq2Seq(nn.Module):
 
     @classmethod
     def from_tensors(cls, config, arch, tensors: dict, device="cpu", dtype=None) -> "ExportedSeq2Seq":
-        with torch.device("meta"):
-            model = cls(config, arch)
-        model.load_weights(tensors)
-        model.eval()
-        if dtype is not None:
-            model = model.to(dtype)
-        return model.to(device)
+        return materialize(lambda: cls(config, arch), tensors, device, dtype)
 
     def load_weights(self, tensors: dict) -> None:
         """Strict: the names must equal this model's parameter and buffer names, with their shapes."""
-        own = self.state_dict()
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise ConfigError(f"the weights do not match the model's configuration: missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}")
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(own[name].shape):
-                raise ConfigError(f"tensor {name} has shape {tuple(tensor.shape)}, the configuration implies "
-                                  f"{tuple(own[name].shape)}")
-        self.load_state_dict(tensors, strict=True, assign=True)
+        load_weights_strictly(self, tensors, "the weights", "tensor", "the model's configuration")
 
     # -- pieces ------------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, offset: int):

@@ -28,7 +28,7 @@ from stablemoe_megatron.errors import ConfigError
 from stablemoe_megatron.export.dist_reader import TorchDistCheckpoint
 from stablemoe_megatron.export.names import split_qkv
 from stablemoe_megatron.export.safetensors_io import SafetensorsWriter, storage_order
-from stablemoe_megatron.export.schema import WEIGHTS_FILE, ExportedConfig, MoEExport, MoELayerPlacement
+from stablemoe_megatron.export.schema import WEIGHTS_FILE, ExportedConfig, moe_export
 from stablemoe_megatron.export.seq2seq import ExportedSeq2Seq, Seq2SeqArch, write_seq2seq_config
 from stablemoe_megatron.export.tokenizer_files import copy_tokenizer, load_tokenizer
 
@@ -151,26 +151,6 @@ def architecture(run) -> dict:
             "kv_channels": tconfig.kv_channels, "activation": activation}
 
 
-def moe_export(run, stage: int) -> Optional[MoEExport]:
-    """Routing and MoE placement of both stacks (encoder layer i = i, decoder layer i = L_enc + i)."""
-    moe, model = run.moe, run.model
-    if not moe.enabled:
-        return None
-    if moe.effective_router_topk != 1:
-        raise ConfigError(f"this checkpoint routes top-{moe.effective_router_topk} (--moe-router-topk); the "
-                          f"pure-torch model routes top-1 only: evaluate it with stablemoe-eval --load instead")
-    layers = []
-    for first, count in ((0, model.encoder_layers), (model.encoder_layers, model.decoder_layers)):
-        for number, where in sorted(moe.moe_placement(count).items()):
-            layers.append(MoELayerPlacement(first + number - 1, where,
-                                            moe.sublayers_per_moe_layer() if where != "mlp" else 1))
-    distilled = moe.effective_distill_router
-    return MoEExport(num_experts=moe.num_experts, router=moe.router, routing_stage=stage,
-                     expert_ffn_hidden_size=moe.expert_ffn_hidden_size or model.ffn_size, layers=layers,
-                     distilled_router={"kind": distilled, "dim": moe.distill_dim, "layers": moe.distill_layers}
-                     if distilled else None)
-
-
 def build_config(ckpt: TorchDistCheckpoint, vocab_rows: int, stage: int, dtype: str,
                  tokenizer: dict) -> Tuple[ExportedConfig, Seq2SeqArch]:
     run, state = ckpt.config, ckpt.state
@@ -182,7 +162,8 @@ def build_config(ckpt: TorchDistCheckpoint, vocab_rows: int, stage: int, dtype: 
         max_position_embeddings=model.max_positions, position_embedding_type=model.position_embedding_type,
         normalization=model.normalization, tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         dtype=dtype, rotary_base=10000.0, rotary_percent=1.0,  # T5Model's RotaryEmbedding defaults
-        moe=moe_export(run, stage), tokenizer=tokenizer, run_config=run.to_dict(),
+        moe=moe_export(run, stage, stacks=((0, run.model.encoder_layers),
+                                                 (run.model.encoder_layers, run.model.decoder_layers))), tokenizer=tokenizer, run_config=run.to_dict(),
         source={"checkpoint": str(ckpt.directory), "iteration": state.iteration, "stage": state.stage,
                 "consumed_train_samples": state.consumed_train_samples, "layout": state.layout},
         **architecture(run))

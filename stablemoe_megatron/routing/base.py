@@ -257,6 +257,16 @@ def _setup(
     return problem, state, finite
 
 
+def _capacities_on_device(scores: torch.Tensor, capacities):
+    """(capacities LongTensor [N] on ``scores.device`` (balanced when None), usable experts, the
+    first usable one): the common start of the exact and the approximate auction."""
+    num_tokens, num_experts = scores.shape
+    num_usable, first_usable = _usable_experts(capacities, num_tokens, num_experts)
+    if capacities is None:
+        capacities = balanced_capacities(num_tokens, num_experts, device=scores.device)
+    return capacities.to(device=scores.device, dtype=torch.long), num_usable, first_usable
+
+
 def balanced_assignment(
     scores: torch.Tensor,
     capacities: torch.Tensor | None = None,
@@ -284,10 +294,7 @@ def balanced_assignment(
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
-    num_usable, first_usable = _usable_experts(capacities, num_tokens, num_experts)
-    if capacities is None:
-        capacities = balanced_capacities(num_tokens, num_experts, device=device)
-    capacities = capacities.to(device=device, dtype=torch.long)
+    capacities, num_usable, first_usable = _capacities_on_device(scores, capacities)
     if epsilon is not None and not float(epsilon) > 0:
         raise ValueError(f"balanced_assignment: epsilon must be > 0, got {epsilon}")
     if num_tokens == 0:
@@ -364,10 +371,7 @@ def approximate_balanced_assignment(
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
-    num_usable, first_usable = _usable_experts(capacities, num_tokens, num_experts)
-    if capacities is None:
-        capacities = balanced_capacities(num_tokens, num_experts, device=device)
-    capacities = capacities.to(device=device, dtype=torch.long)
+    capacities, num_usable, first_usable = _capacities_on_device(scores, capacities)
     if num_tokens == 0 or num_usable == 1:
         assignment = torch.full((num_tokens,), first_usable, dtype=torch.long, device=device)
         return assignment, torch.zeros((), dtype=torch.float64, device=device)
