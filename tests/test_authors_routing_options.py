@@ -151,6 +151,49 @@ def test_token_shuffle_returns_every_output_to_its_token(name):
     assert expert_of_id(results, "plain") == expert_of_id(results, "shuffled")  # greedy: per token
 
 
+def _rowwise_shuffle(router, mode):
+    """Stage-2 StableMoE (capacity 0.5) or hash routing of tokens whose ids repeat with equal hidden
+    rows, so equal gates tie for capacity and the shuffle order decides which overflow; ``mode``:
+    rows (the shuffle permutes the rows), order (the default for row-wise routing with one
+    data-parallel rank: the router and dispatcher take the shuffle's order, the rows stay), none."""
+    import contextlib
+    from unittest import mock
+
+    reset_aux_scale()
+    torch.manual_seed(3)
+    capacity = 0.5 if router == "stablemoe" else None
+    model = build(router, capacity=capacity, token_shuffle=mode != "none", expert_output_init="normal")
+    if router == "stablemoe":
+        model.enter_stage_two()
+    layer = model.moe_layers[0]
+    tokens = (torch.arange(T_LOCAL) % 6).reshape(BATCH, SEQ)
+    base, cotangent = rank_inputs(0)
+    hidden = base[0, 0][None, None, :] * (1 + tokens.t().unsqueeze(-1).float())  # [S, B, h], a row per id
+    rowwise = mock.patch.object(type(layer.router), "routes_rowwise", property(lambda self: False)) \
+        if mode == "rows" else contextlib.nullcontext()
+    with rowwise:
+        assert layer.router.routes_rowwise == (mode != "rows")
+        output, x_grad, _, decision = run_layer(model, tokens, hidden, cotangent)
+    zero_rows = (output.reshape(T_LOCAL, -1) == 0).all(-1)
+    return dict(output=output, x_grad=x_grad, grads=grads_of(model), dropped=zero_rows,
+                shuffle_calls=layer.shuffle.calls if layer.shuffle is not None else 0)
+
+
+@pytest.mark.parametrize("router", ["stablemoe", "hash"])
+def test_row_wise_routing_takes_the_shuffle_order_without_moving_rows(router):
+    """The shuffle's order given to the router and dispatcher equals permuting the rows: same
+    outputs and input gradients bit for bit, same dropped tokens, parameter grads to rounding."""
+    rows, order, none = (run_distributed(_rowwise_shuffle, world_size=1, args=(router, mode))[0]
+                         for mode in ("rows", "order", "none"))
+    assert torch.equal(rows["output"], order["output"]) and torch.equal(rows["x_grad"], order["x_grad"])
+    assert rows["grads"].keys() == order["grads"].keys()
+    assert max((rows["grads"][k] - order["grads"][k]).abs().max().item() for k in rows["grads"]) <= 1e-6
+    assert rows["shuffle_calls"] == order["shuffle_calls"] == 1
+    if router == "stablemoe":  # ties broken by the shuffle order: a different set overflows without it
+        assert 0 < int(order["dropped"].sum()) < T_LOCAL
+        assert torch.equal(rows["dropped"], order["dropped"]) and not torch.equal(order["dropped"], none["dropped"])
+
+
 def _whole_model(options):
     """Paper layout, whole GPT: LM losses and DP-summed grads with and without the shuffle."""
     import moe_cases
@@ -321,7 +364,8 @@ def _capacity_scope(factor):
         keep[order[:capacity]] = True
     mine = keep[rank * T_LOCAL:(rank + 1) * T_LOCAL].nonzero().squeeze(1)
     per_expert = torch.bincount(experts[keep], minlength=EXPERTS)
-    return dict(kept=decision.token_index.sort().values, expected=mine, per_expert=per_expert, capacity=capacity,
+    kept = decision.token_index[decision.expert_index < EXPERTS]  # expert id N: dropped
+    return dict(kept=kept.sort().values, expected=mine, per_expert=per_expert, capacity=capacity,
                 local_max=int(torch.bincount(experts[rank * T_LOCAL:(rank + 1) * T_LOCAL][mine], minlength=EXPERTS).max()))
 
 

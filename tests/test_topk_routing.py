@@ -265,13 +265,15 @@ def _layer_routing_run(k, pre_softmax, factor):
         pairs = [(t, experts[t, j].item(), gates[t, j].item()) for t in range(logits.shape[0]) for j in range(k)]
         keep = reference_keep([(e, g) for _, e, g in pairs], math.ceil(logits.shape[0] * k * factor / EXPERTS))
         kept = [p for p, flag in zip(pairs, keep.tolist()) if flag]
-        got = list(zip(decision.token_index.tolist(), decision.expert_index.tolist(), decision.gates.tolist()))
+        got = [pair for pair in zip(decision.token_index.tolist(), decision.expert_index.tolist(),
+                                    decision.gates.tolist()) if pair[1] < EXPERTS]  # expert id N: dropped
         out.append(dict(
             same_pairs=[(t, e) for t, e, _ in got] == [(t, e) for t, e, _ in kept],
             gate_diff=max(abs(a[2] - b[2]) for a, b in zip(got, kept)),
             one_pair=decision.one_pair_per_token, dropped=len(pairs) - len(kept),
             metric_counts=metrics[layer.layer_number]["tokens_per_expert"].tolist(),
-            counts=torch.bincount(decision.expert_index, minlength=EXPERTS).tolist(),
+            counts=torch.bincount(decision.expert_index, minlength=EXPERTS + 1)[:EXPERTS].tolist(),
+            dropped_marked=int((decision.expert_index == EXPERTS).sum()),
             dropped_fraction=metrics[layer.layer_number]["dropped_fraction"].item(), pairs=len(pairs)))
     return out
 
@@ -281,6 +283,7 @@ def test_layer_routes_pairs_with_megatron_capacity(k, pre_softmax):
     for res in run_distributed(_layer_routing_run, world_size=1, args=(k, pre_softmax, 0.5))[0]:
         assert res["same_pairs"] and res["gate_diff"] < 1e-6 and not res["one_pair"], res
         assert res["dropped"] >= res["pairs"] // 2, res  # capacity 0.5: at most half the pairs fit
+        assert res["dropped_marked"] == res["dropped"], res  # dropped pairs stay, marked with expert id N
         assert res["metric_counts"] == res["counts"] and sum(res["counts"]) == res["pairs"] - res["dropped"]
         assert res["dropped_fraction"] == pytest.approx(res["dropped"] / res["pairs"])
 

@@ -23,6 +23,11 @@ hash, StableMoE stage 2), the sort is a permutation P of the tokens: dispatch is
 combine ``y[P^-1] * g``, each a gather whose backward is the inverse gather (no zero fill and
 no scatter-add, which the general path needs in both directions). Same values, bit for bit.
 
+Dropped pairs (expert capacity, training only) are not removed by the router, which would take a
+boolean mask and so a device sync; they carry the expert id N ("no expert"), sort after every
+expert's pairs and are cut off with the host count of kept pairs. The permutation path then still
+applies: a dropped token's combined row is zero.
+
 Device-to-host synchronisation: the split sizes of the all-to-all and the per-expert counts must be
 host integers. With learned routing they are computed on the device and copied once per layer
 call (one sync). When the caller already knows the counts on the host (``host_tokens_per_expert``:
@@ -54,6 +59,7 @@ class DispatchState:
     regroup: Optional[torch.Tensor] = None  # [R] received (src, expert) order -> (expert, src)
     ungroup: Optional[torch.Tensor] = None  # inverse of regroup
     inverse: Optional[torch.Tensor] = None  # [T] inverse of ``order`` (one pair per token only)
+    kept: int = 0  # pairs sent to an expert (the rest, dropped by the capacity, sort last)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -68,6 +74,67 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None
+
+
+def _rows_to_tokens(rows: torch.Tensor, inverse: torch.Tensor, kept: int) -> torch.Tensor:
+    """[T, h] token rows from ``rows`` [kept, h] (sorted pairs, dropped pairs last and absent):
+    token t gets ``rows[inverse[t]]``, or zeros when its pair was dropped (``inverse[t] >= kept``)."""
+    if kept == inverse.numel():
+        return rows.index_select(0, inverse)
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+    return padded.index_select(0, inverse.clamp(max=kept))
+
+
+class _DispatchRows(torch.autograd.Function):
+    """``x[order[:kept]]``: the token rows [kept, h] of the kept pairs, sorted by expert.
+
+    ``order`` [T] is a permutation (one pair per token, dropped pairs sorted last), ``inverse`` its
+    inverse. The backward is one gather by ``inverse`` (a dropped token's gradient is zero).
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, kept: int):
+        ctx.save_for_backward(inverse)
+        ctx.kept = kept
+        return x.index_select(0, order if kept == order.numel() else order[:kept])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _rows_to_tokens(grad, inverse, ctx.kept), None, None, None
+
+
+class _GatedCombine(torch.autograd.Function):
+    """``y[order^-1] * gates``: expert outputs [kept, h] back in token order [T, h], weighted.
+
+    A dropped token's row is zero (so is its gate's gradient). The backward gathers the output
+    gradient by ``order`` once and gets both gradients from it: ``dL/dy = G * g`` and
+    ``dL/dg = <G, y>`` row-wise (in fp32), without keeping the [T, h] token rows of the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, y, gates, order, inverse):
+        kept = y.shape[0]
+        out = _rows_to_tokens(y, inverse, kept)
+        out.mul_(gates.to(out.dtype).unsqueeze(-1))
+        ctx.save_for_backward(y, gates, order)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gates, order = ctx.saved_tensors
+        kept = y.shape[0]
+        rows = order if kept == order.numel() else order[:kept]
+        sorted_grad = grad.index_select(0, rows)  # [kept, h]
+        grad_gates = None
+        if ctx.needs_input_grad[1]:
+            dtype = torch.promote_types(gates.dtype, torch.float32)
+            per_pair = torch.linalg.vecdot(sorted_grad.to(dtype), y.to(dtype))
+            grad_gates = torch.zeros_like(gates).index_copy_(0, rows, per_pair.to(gates.dtype))
+        grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_y = sorted_grad.mul_(gates.index_select(0, rows).to(sorted_grad.dtype).unsqueeze(-1))
+        return grad_y, grad_gates, None, None
 
 
 def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -127,26 +194,35 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------------------------------
     def dispatch(self, hidden: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
-                 host_tokens_per_expert: Optional[torch.Tensor] = None, one_pair_per_token: bool = False):
+                 host_tokens_per_expert: Optional[torch.Tensor] = None, one_pair_per_token: bool = False,
+                 row_order: Optional[torch.Tensor] = None):
         """Return (expert_input [R, h] grouped by local expert, DispatchState).
 
-        hidden: [T, h]; token_index, expert_index: [A] long (same device as hidden);
-        host_tokens_per_expert: optional [N] CPU long, equal to bincount(expert_index);
-        one_pair_per_token: the caller guarantees token_index == arange(T) (A == T).
+        hidden: [T, h]; token_index, expert_index: [A] long (same device as hidden); a pair with
+        ``expert_index == N`` (num_experts) was dropped by the expert capacity: it goes to no expert
+        and its token's combined output is zero (the pair sorts last and is cut off, no boolean mask);
+        host_tokens_per_expert: optional [N] CPU long, the kept pairs per expert;
+        one_pair_per_token: the caller guarantees token_index == arange(T) (A == T);
+        row_order: optional [T] permutation (a local token shuffle): the pairs of one expert are
+        taken in this order instead of token order (as if the rows had been permuted by it).
         """
-        order = torch.argsort(expert_index, stable=True)
+        if row_order is not None:
+            order = row_order.index_select(0, torch.argsort(expert_index.index_select(0, row_order), stable=True))
+        else:
+            order = torch.argsort(expert_index, stable=True)
+        if host_tokens_per_expert is not None:
+            counts = host_tokens_per_expert.to(torch.long)
+        else:  # the one sync; bin N counts the dropped pairs
+            counts = _to_host(tokens_per_expert(expert_index, self.num_experts + 1)[: self.num_experts])
+        kept = int(counts.sum())
         inverse, sorted_token_index = None, None
         if one_pair_per_token:
             inverse = _inverse_permutation(order)
-            permuted = _PermuteRows.apply(hidden, order, inverse)
+            permuted = _DispatchRows.apply(hidden, order, inverse, kept)
         else:
-            sorted_token_index = token_index.index_select(0, order)
+            sorted_token_index = token_index.index_select(0, order[:kept])
             permuted = hidden.index_select(0, sorted_token_index)
-        if host_tokens_per_expert is not None:
-            counts = host_tokens_per_expert.to(torch.long)
-        else:
-            counts = _to_host(tokens_per_expert(expert_index, self.num_experts))  # the one sync
-        state = DispatchState(sorted_token_index, order, hidden.shape[0], counts, inverse=inverse)
+        state = DispatchState(sorted_token_index, order, hidden.shape[0], counts, inverse=inverse, kept=kept)
         if self.ep_size == 1:
             return permuted, state
         return self._exchange(permuted, counts, state, host_counts=host_tokens_per_expert is not None)
@@ -186,9 +262,9 @@ class AllToAllDispatcher:
 
             source_major = expert_output.index_select(0, state.ungroup)
             expert_output = all_to_all(self.ep_group, source_major, state.input_splits, state.output_splits)
-        if state.inverse is not None:  # one pair per token: un-permute, then weight in token order
-            token_rows = _PermuteRows.apply(expert_output, state.inverse, state.order)
-            return token_rows * gates.to(expert_output.dtype).unsqueeze(-1)
-        weighted = expert_output * gates.index_select(0, state.order).to(expert_output.dtype).unsqueeze(-1)
+        if state.inverse is not None:  # one pair per token: un-permute and weight in one function
+            return _GatedCombine.apply(expert_output, gates, state.order, state.inverse)
+        pair_gates = gates.index_select(0, state.order[: state.kept])
+        weighted = expert_output * pair_gates.to(expert_output.dtype).unsqueeze(-1)
         out = expert_output.new_zeros(state.num_tokens, expert_output.shape[-1])
         return out.index_add(0, state.sorted_token_index, weighted)

@@ -57,7 +57,8 @@ def input_statistics(hidden: torch.Tensor, router_weight: Optional[torch.Tensor]
     show how routing scores s = h . E move: by the centroids, or by a common offset of every token.
     """
     rows = hidden.detach().float().reshape(-1, hidden.shape[-1])
-    energy = rows.pow(2).sum(dim=1).mean()
+    flat = rows.reshape(-1)
+    energy = torch.dot(flat, flat) / max(rows.shape[0], 1)  # one pass, no [T, d] temporary
     out = {"input_rms": (energy / rows.shape[1]).sqrt(),
            "input_shared_fraction": rows.mean(dim=0).pow(2).sum() / energy.clamp_min(1e-30)}
     if router_weight is not None:
@@ -82,7 +83,8 @@ class MoELayerMetrics:
         self.calls = 0
 
     def add(self, decision: RoutingDecision) -> None:
-        counts = routing.tokens_per_expert(decision.expert_index, self.num_experts)  # no device sync
+        # no device sync; bin N counts the pairs dropped by the capacity
+        counts = routing.tokens_per_expert(decision.expert_index, self.num_experts + 1)[: self.num_experts]
         self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
         for name, value in decision.metrics.items():
             value = value.detach().float()
@@ -228,13 +230,19 @@ class StableMoELayer(BaseMoELayer):
         inputs = self.router_inputs(hidden_states, context, replay)
         shuffled = None
         if self.shuffle is not None and self.training:
-            rows, ids, shuffled = self.shuffle.shuffle(inputs.hidden, inputs.token_ids,
-                                                       self._shuffle_key(context, replay))
-            context.shuffle_keys[id(self)] = shuffled.key
-            inputs = RouterInputs(rows, ids, None, inputs.local_positions, None, replay)
+            key = self._shuffle_key(context, replay)
+            if self.shuffle.world == 1 and self.router.routes_rowwise:  # the order only, rows stay
+                drawn = self.shuffle.draw(inputs.hidden.shape[0], inputs.hidden.device, key)
+                inputs.row_order, context.shuffle_keys[id(self)] = drawn.order, drawn.key
+            else:
+                rows, ids, shuffled = self.shuffle.shuffle(inputs.hidden, inputs.token_ids, key)
+                context.shuffle_keys[id(self)] = shuffled.key
+                host_ids = self.shuffle.shuffle_host_ids(inputs.host_token_ids, shuffled)
+                inputs = RouterInputs(rows, ids, None, inputs.local_positions, host_ids, replay)
         decision = self.router(inputs)
         expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index, decision.expert_index,
-                                                       decision.host_tokens_per_expert, decision.one_pair_per_token)
+                                                       decision.host_tokens_per_expert, decision.one_pair_per_token,
+                                                       inputs.row_order)
         expert_output = self.experts(expert_input, state.tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output, state, decision.gates)
         if shuffled is not None:

@@ -42,6 +42,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from stablemoe_megatron import routing
 from stablemoe_megatron.moe.config import MoEConfig
+from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
 from stablemoe_megatron.routing.common import choice_pairs
 
 
@@ -49,14 +50,17 @@ from stablemoe_megatron.routing.common import choice_pairs
 class RoutingDecision:
     """Routing of the T local tokens of one MoE layer call.
 
-    token_index, expert_index, gates: [A] pairs (A = T for top-1 without dropping).
+    token_index, expert_index, gates: [A] pairs (A = T for top-1, T*k for top-k); in training with
+        an expert capacity, a pair over capacity has ``expert_index == N`` (dropped: it goes to no
+        expert, its token keeps its residual); it stays in the pairs so that no boolean mask (a
+        device sync) is needed; ``host_tokens_per_expert`` then counts the kept pairs.
     aux_loss: scalar, coefficient-weighted sum of the losses this router adds to the total loss.
     host_tokens_per_expert: [N] CPU counts when known without a device sync, else None.
     metrics: detached scalars for logging (loss values, agreement, mean gate ...).
     top1_expert_ids: [T] the router's own top-1 choice ([T, k] its top-k choice with
         ``--moe-router-topk`` k > 1): the stage-1 distillation teacher, see
         ``TokenChoiceRouter.distillation_teacher``; or None.
-    one_pair_per_token: token_index is ``arange(T)`` (top-1 routing, nothing dropped): the
+    one_pair_per_token: token_index is ``arange(T)`` (top-1 routing, dropped pairs included): the
         dispatcher's sort by expert is then a permutation of the tokens (a faster path). False
         for top-k routing (A = T*k pairs, k per token).
     """
@@ -89,6 +93,7 @@ class RouterInputs:
     local_positions: slice
     host_token_ids: Optional[torch.Tensor] = None
     replay: bool = False
+    row_order: Optional[torch.Tensor] = None  # [T] the token shuffle's order, when not applied to the rows
 
 
 class RouterBase(MegatronModule):
@@ -116,6 +121,13 @@ class RouterBase(MegatronModule):
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
+
+    @property
+    def routes_rowwise(self) -> bool:
+        """Whether this router's training decision for a token depends on nothing but that token's
+        row and id, and its order only breaks capacity ties, so that a local token shuffle need
+        not move the rows (:attr:`RouterInputs.row_order`): frozen top-1 routing, the hash layer."""
+        return False
 
     def _mark_replicated(self, module_or_param) -> None:
         """Replicated over TP but fed different tokens under SP: megatron all-reduces the grads."""
@@ -216,8 +228,12 @@ class RouterBase(MegatronModule):
         return param
 
 
-def _mean_gate(gates: torch.Tensor) -> torch.Tensor:
-    return gates.detach().float().mean() if gates.numel() else gates.new_zeros(())
+def _mean_gate(gates: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean gate [] of the pairs (of the kept ones where ``keep`` [A] is given); 0 for none."""
+    if keep is None:
+        return gates.detach().float().mean() if gates.numel() else gates.new_zeros(())
+    kept = keep.float()
+    return (gates.detach().float() * kept).sum() / kept.sum().clamp_min(1.0)
 
 
 class TokenChoiceRouter(RouterBase):
@@ -277,6 +293,10 @@ class TokenChoiceRouter(RouterBase):
         return self.algorithm.chosen_gate(hidden, self.weight, expert_ids)
 
     # -- distilled router ----------------------------------------------------------------------
+    @property
+    def routes_rowwise(self) -> bool:
+        return self.frozen and self.topk == 1 and self.algorithm.one_pair_per_token
+
     @property
     def stage(self) -> int:
         return 2 if self.frozen else 1
@@ -341,11 +361,13 @@ class TokenChoiceRouter(RouterBase):
         one_pair_per_token = self.algorithm.one_pair_per_token and expert_ids.dim() == 1
         token_index, expert_ids, gates = choice_pairs(expert_ids, gates)
         if self.moe.effective_capacity_factor is not None and self.training:
-            keep = self._capacity_keep(expert_ids, gates)
-            token_index, expert_ids, gates = token_index[keep], expert_ids[keep], gates[keep]
-            host_counts, one_pair_per_token = None, False
+            keep = self._capacity_keep_in_order(expert_ids, gates, inputs.row_order)
+            expert_ids = torch.where(keep, expert_ids, self.num_experts)  # N: dropped (no boolean mask)
+            host_counts = self._kept_host_counts(host_counts, expert_ids.shape[0])
             metrics["dropped_fraction"] = 1.0 - keep.float().mean()
-        metrics["mean_gate"] = _mean_gate(gates)
+            metrics["mean_gate"] = _mean_gate(gates, keep)
+        else:
+            metrics["mean_gate"] = _mean_gate(gates)
         return RoutingDecision(token_index, expert_ids, gates, aux_loss, host_counts, metrics, teacher,
                                one_pair_per_token)
 
@@ -373,19 +395,34 @@ class TokenChoiceRouter(RouterBase):
         metrics["distill_agreement"] = routing.distillation_agreement(student, teacher_ids)
         return weighted if self.training else weighted.detach()
 
+    def _kept_host_counts(self, host_counts: Optional[torch.Tensor], num_pairs: int) -> Optional[torch.Tensor]:
+        """Host counts [N] of the pairs kept by the capacity, from the host counts [N] of all pairs:
+        ``min(n_i, capacity)`` when the counting set is these local pairs (no SP shards, no DP
+        counting); otherwise None (which pairs stay depends on gates elsewhere: device counts)."""
+        if host_counts is None or self._sequence_split() or self._over_data_parallel():
+            return None
+        capacity = expert_capacity_per_expert(num_pairs, self.num_experts, self.moe.effective_capacity_factor)
+        return host_counts.clamp(max=capacity)
+
     def _capacity_keep(self, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Keep mask [A_local] of the pairs (expert_ids, gates [A_local], A = T*k); capacity
         ceil(A*c/N) (Megatron's ceil(T*k/N*c)) and ranking by gate over the counting set: the DP
         rank's whole micro-batch (all SP shards), or every DP rank's
         (``--moe-balance-count-scope data-parallel``)."""
-        from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
-
         full_ids = self._gather_counting_set(expert_ids)
         full_gates = self._gather_counting_set(gates.detach())
         capacity = expert_capacity_per_expert(full_ids.shape[0], self.num_experts,
                                               self.moe.effective_capacity_factor)
         keep = capacity_keep_mask(full_ids, full_gates, self.num_experts, capacity)
         return keep[self._counting_set_rows(expert_ids.shape[0])]
+
+    def _capacity_keep_in_order(self, expert_ids, gates, row_order: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_capacity_keep` of the pairs taken in ``row_order`` [T] (the token shuffle's
+        order: ties go to the earlier token in it), as a keep mask [T] in the given order."""
+        if row_order is None:
+            return self._capacity_keep(expert_ids, gates)
+        keep = self._capacity_keep(expert_ids.index_select(0, row_order), gates.index_select(0, row_order))
+        return torch.empty_like(keep).scatter_(0, row_order, keep)
 
 
 class HashRouter(RouterBase):
@@ -401,6 +438,10 @@ class HashRouter(RouterBase):
         table = routing.random_hash_table(vocab_size, self.num_experts, moe.hash_seed)
         self.register_buffer("table", table)
         self._host_table = table.clone()
+
+    @property
+    def routes_rowwise(self) -> bool:
+        return True
 
     def set_table(self, table: torch.Tensor) -> None:
         if table.shape != self.table.shape:

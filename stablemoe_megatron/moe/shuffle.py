@@ -6,8 +6,9 @@ run on the rows a rank received, and :meth:`TokenShuffle.unshuffle` sends every 
 its rank and position (the inverse all-to-all and the inverse permutation). The all-to-alls are
 megatron-core's differentiable ones, so gradients take the same way back. The token ids travel
 with their rows (the hash router and the ``wordemb`` distilled router route by id); their host
-copy does not, so the hash router and stage-2 routing then count experts on the device (one
-device-to-host copy per layer call, as learned routing does).
+copy travels only with one data-parallel rank (a local permutation, drawn on the host): with
+several, the hash router and stage-2 routing count experts on the device (one device-to-host copy
+per layer call, as learned routing does).
 
 Which ranks: those that hold different tokens at the MoE layer, megatron's data-parallel group
 with context parallelism (``pg_collection.dp_cp``). Expert-parallel ranks are in it (EP is carved
@@ -29,7 +30,7 @@ call draws the same permutation and the call counter advances once per micro-bat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -44,6 +45,7 @@ class ShuffleState:
     order: torch.Tensor
     inverse: torch.Tensor
     key: int = 0
+    host_order: Optional[torch.Tensor] = None  # [T] CPU copy of ``order`` (drawn on the host)
 
 
 class TokenShuffle:
@@ -66,7 +68,7 @@ class TokenShuffle:
         self.tp_rank = tp_rank
         self.step = 0  # the training iteration (set by the trainer before each step)
         self.calls = 0  # training calls within the step (one per micro-batch)
-        self._generators: Dict[torch.device, torch.Generator] = {}
+        self._generator = torch.Generator()
 
     def start_step(self, iteration: int) -> None:
         """The next permutations belong to training iteration ``iteration`` (0-based step count)."""
@@ -80,14 +82,18 @@ class TokenShuffle:
 
     def permutation(self, num_tokens: int, device: torch.device, key: Optional[int] = None) -> torch.Tensor:
         """The next random permutation of ``num_tokens`` rows: LongTensor [T] on ``device``; with
-        ``key`` (of an earlier call), that call's permutation again, without advancing the counter."""
+        ``key`` (of an earlier call), that call's permutation again, without advancing the counter.
+
+        Drawn on the host (a CPU generator, the same permutation on every device) and copied to the
+        device: the host copy lets token-id routing keep counting experts on the host
+        (:meth:`shuffle_host_ids`).
+        """
+        return self._host_permutation(num_tokens, key).to(device)
+
+    def _host_permutation(self, num_tokens: int, key: Optional[int]) -> torch.Tensor:
         key = self.next_key() if key is None else key
-        device = torch.device(device)
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed(key)
-        return torch.randperm(num_tokens, generator=generator, device=device)
+        self._generator.manual_seed(key)
+        return torch.randperm(num_tokens, generator=self._generator)
 
     def shuffle(self, hidden: torch.Tensor, token_ids: torch.Tensor,
                 key: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, ShuffleState]:
@@ -104,9 +110,8 @@ class TokenShuffle:
                 f"--moe-token-shuffle: the {num_tokens} tokens this rank holds at MoE layer {self.layer_number} "
                 f"cannot be split evenly over the {self.world} data-parallel ranks; use micro-batches whose "
                 f"token count (per sequence-parallel shard) is a multiple of {self.world}")
-        key = self.next_key() if key is None else key
-        order = self.permutation(num_tokens, hidden.device, key)
-        inverse = _inverse_permutation(order)
+        state = self.draw(num_tokens, hidden.device, key)
+        order, inverse = state.order, state.inverse
         rows = _PermuteRows.apply(hidden, order, inverse)
         ids = token_ids.index_select(0, order)
         if self.world > 1:
@@ -114,7 +119,26 @@ class TokenShuffle:
 
             rows = all_to_all(self.group, rows)
             ids = all_to_all(self.group, ids)
-        return rows, ids, ShuffleState(order, inverse, key)
+        return rows, ids, state
+
+    def draw(self, num_tokens: int, device: torch.device, key: Optional[int] = None) -> ShuffleState:
+        """The next call's permutation of ``num_tokens`` rows (``key``: an earlier call's again),
+        without moving any row: :meth:`shuffle` applies it; with one data-parallel rank and a
+        router that decides row by row, the layer hands it to the router and dispatcher instead
+        (:attr:`~stablemoe_megatron.moe.routers.RouterInputs.row_order`), which gives the same
+        expert inputs and outputs without permuting the rows twice."""
+        key = self.next_key() if key is None else key
+        host_order = self._host_permutation(num_tokens, key)
+        order = host_order.to(device, non_blocking=True)
+        return ShuffleState(order, _inverse_permutation(order), key, host_order)
+
+    def shuffle_host_ids(self, host_token_ids: Optional[torch.Tensor], state: ShuffleState) -> Optional[torch.Tensor]:
+        """The CPU copy [T] of the ids :meth:`shuffle` returned, without a device sync: with one
+        data-parallel rank the host ids permuted like the rows; None with several (the ids of
+        the rows received from other ranks are on the device only) or without host ids."""
+        if host_token_ids is None or self.world > 1 or state.host_order is None:
+            return None
+        return host_token_ids.index_select(0, state.host_order)
 
     def unshuffle(self, output: torch.Tensor, state: ShuffleState) -> torch.Tensor:
         """Output rows [T, h] in the received order -> [T, h] in this rank's original token order."""

@@ -64,8 +64,32 @@ def chosen_sigmoid_gate(hidden: torch.Tensor, centroids: torch.Tensor, expert_id
         hidden: ``[T, d]``; centroids: ``[N, d]``; expert_ids: ``[T]`` long.
     """
     dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(centroids))
-    chosen = centroids.to(dtype).index_select(0, expert_ids.reshape(-1))
-    return torch.sigmoid((hidden.to(dtype) * chosen).sum(-1))
+    return torch.sigmoid(_ChosenDot.apply(hidden.to(dtype), centroids.to(dtype), expert_ids.reshape(-1)))
+
+
+class _ChosenDot(torch.autograd.Function):
+    """Row-wise ``<hidden_t, centroids[ids_t]>``: ``[T]``, keeping no ``[T, d]`` tensor for the
+    backward (the chosen centroid rows are gathered again there).
+
+    hidden: ``[T, d]``; centroids: ``[N, d]``; ids: ``[T]`` long. Backward, for ``g = dL/dlogit``
+    ``[T]``: ``dL/dh_t = g_t E_{a_t}``; ``dL/dE_i = sum_{t: a_t = i} g_t h_t``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, centroids, ids):
+        ctx.save_for_backward(hidden, centroids, ids)
+        return torch.linalg.vecdot(hidden, centroids.index_select(0, ids))
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, centroids, ids = ctx.saved_tensors
+        weight = grad.unsqueeze(-1)
+        grad_hidden = grad_centroids = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = centroids.index_select(0, ids).mul_(weight)
+        if ctx.needs_input_grad[1]:
+            grad_centroids = torch.zeros_like(centroids).index_add_(0, ids, hidden * weight)
+        return grad_hidden, grad_centroids, None
 
 
 def balance_loss(

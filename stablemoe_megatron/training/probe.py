@@ -61,10 +61,11 @@ def router_views(router) -> List[str]:
 
 
 def routed_expert_ids(decision, num_tokens: int, num_experts: int, none_value: int) -> torch.Tensor:
-    """[T] the expert each token was sent to (highest gate if several; ``none_value`` if none)."""
-    dense = torch.full((num_tokens, num_experts), -math.inf, device=decision.gates.device)
+    """[T] the expert each token was sent to (highest gate if several; ``none_value`` if none).
+    Column N of the [T, N + 1] table takes the pairs dropped by the capacity (expert id N)."""
+    dense = torch.full((num_tokens, num_experts + 1), -math.inf, device=decision.gates.device)
     dense[decision.token_index, decision.expert_index] = decision.gates.detach().float()
-    best = dense.max(dim=1)
+    best = dense[:, :num_experts].max(dim=1)
     return torch.where(torch.isneginf(best.values), torch.full_like(best.indices, none_value), best.indices)
 
 
