@@ -95,8 +95,10 @@ def _shuffle_vs_plain(router, options):
     for name, model in (("plain", plain), ("shuffled", shuffled)):
         output, x_grad, inputs, decision = run_layer(model, tokens, hidden, cotangent)
         reduce_grads_like_megatron(model)
-        out[name] = dict(output=output, x_grad=x_grad, grads=grads_of(model), routed_ids=inputs.token_ids,
-                         experts=decision.expert_index.clone())
+        # the rows in the order they were routed (one DP rank, tokenwise routing: the shuffle's order)
+        routed = slice(None) if inputs.row_order is None else inputs.row_order
+        out[name] = dict(output=output, x_grad=x_grad, grads=grads_of(model), routed_ids=inputs.token_ids[routed],
+                         experts=decision.expert_index[routed].clone())
     shuffled.eval()
     plain.eval()
     eval_out, _, eval_inputs, _ = run_layer(shuffled, tokens, hidden, cotangent)
@@ -151,19 +153,21 @@ def test_token_shuffle_returns_every_output_to_its_token(name):
     assert expert_of_id(results, "plain") == expert_of_id(results, "shuffled")  # greedy: per token
 
 
-def _rowwise_shuffle(router, mode):
-    """Stage-2 StableMoE (capacity 0.5) or hash routing of tokens whose ids repeat with equal hidden
-    rows, so equal gates tie for capacity and the shuffle order decides which overflow; ``mode``:
-    rows (the shuffle permutes the rows), order (the default for row-wise routing with one
-    data-parallel rank: the router and dispatcher take the shuffle's order, the rows stay), none."""
+def _rowwise_shuffle(case, mode):
+    """StableMoE stage 1 or 2 (capacity 0.5), Switch (capacity 0.5) or hash routing of tokens whose
+    ids repeat with equal hidden rows, so equal gates tie for capacity and the shuffle order decides
+    which overflow; ``mode``: rows (the shuffle permutes the rows), order (the default for row-wise
+    routing with one data-parallel rank: the router and dispatcher take the shuffle's order, the
+    rows stay), none."""
     import contextlib
     from unittest import mock
 
     reset_aux_scale()
     torch.manual_seed(3)
-    capacity = 0.5 if router == "stablemoe" else None
+    router = case.split("-")[0]
+    capacity = None if router == "hash" else 0.5
     model = build(router, capacity=capacity, token_shuffle=mode != "none", expert_output_init="normal")
-    if router == "stablemoe":
+    if case == "stablemoe-stage2":
         model.enter_stage_two()
     layer = model.moe_layers[0]
     tokens = (torch.arange(T_LOCAL) % 6).reshape(BATCH, SEQ)
@@ -179,17 +183,21 @@ def _rowwise_shuffle(router, mode):
                 shuffle_calls=layer.shuffle.calls if layer.shuffle is not None else 0)
 
 
-@pytest.mark.parametrize("router", ["stablemoe", "hash"])
-def test_row_wise_routing_takes_the_shuffle_order_without_moving_rows(router):
+@pytest.mark.parametrize("case", ["stablemoe-stage2", "hash", "stablemoe-stage1", "switch"])
+def test_row_wise_routing_takes_the_shuffle_order_without_moving_rows(case):
     """The shuffle's order given to the router and dispatcher equals permuting the rows: same
-    outputs and input gradients bit for bit, same dropped tokens, parameter grads to rounding."""
-    rows, order, none = (run_distributed(_rowwise_shuffle, world_size=1, args=(router, mode))[0]
+    dropped tokens, outputs and input gradients (bit for bit for token-id routing; the learned
+    routers' losses sum in another order), parameter grads to rounding."""
+    rows, order, none = (run_distributed(_rowwise_shuffle, world_size=1, args=(case, mode))[0]
                          for mode in ("rows", "order", "none"))
-    assert torch.equal(rows["output"], order["output"]) and torch.equal(rows["x_grad"], order["x_grad"])
+    if case in ("stablemoe-stage2", "hash"):
+        assert torch.equal(rows["output"], order["output"]) and torch.equal(rows["x_grad"], order["x_grad"])
+    assert (rows["output"] - order["output"]).abs().max().item() <= 1e-6
+    assert (rows["x_grad"] - order["x_grad"]).abs().max().item() <= 1e-6
     assert rows["grads"].keys() == order["grads"].keys()
     assert max((rows["grads"][k] - order["grads"][k]).abs().max().item() for k in rows["grads"]) <= 1e-6
     assert rows["shuffle_calls"] == order["shuffle_calls"] == 1
-    if router == "stablemoe":  # ties broken by the shuffle order: a different set overflows without it
+    if case != "hash":  # ties broken by the shuffle order: a different set overflows without it
         assert 0 < int(order["dropped"].sum()) < T_LOCAL
         assert torch.equal(rows["dropped"], order["dropped"]) and not torch.equal(order["dropped"], none["dropped"])
 

@@ -75,20 +75,21 @@ class ExpertLayerNorms(SequentialMLP):
         return sharded
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """hidden [R, h] grouped by local expert; tokens_per_expert [L] CPU long."""
+        """hidden [R, h] grouped by local expert; tokens_per_expert [L] CPU long.
+
+        Each expert's rows are normalised with its own weights by one fused norm call (as megatron's
+        SequentialMLP runs each expert on its rows): no [R, h] gather of the weights, whose backward
+        would be a serial scatter-add of every row into L rows.
+        """
         norms = [expert.norm for expert in self.local_experts]
-        rows = int(tokens_per_expert.sum())
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(self.num_local_experts, device=hidden.device),
-            tokens_per_expert.to(hidden.device), output_size=rows)
-        eps = norms[0].eps
+        chunks = torch.split(hidden, tokens_per_expert.tolist())
         if isinstance(norms[0], torch.nn.RMSNorm):
-            normed = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=eps)
-            return normed * torch.stack([n.weight for n in norms])[expert_of_row]
-        normed = torch.nn.functional.layer_norm(hidden, (hidden.shape[-1],), eps=eps)
-        weight = torch.stack([n.weight for n in norms])[expert_of_row]
-        bias = torch.stack([n.bias for n in norms])[expert_of_row]
-        return normed * weight + bias
+            outs = [torch.nn.functional.rms_norm(rows, (hidden.shape[-1],), norm.weight, eps=norm.eps)
+                    for rows, norm in zip(chunks, norms)]
+        else:
+            outs = [torch.nn.functional.layer_norm(rows, (hidden.shape[-1],), norm.weight, norm.bias, eps=norm.eps)
+                    for rows, norm in zip(chunks, norms)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class _NormModule(MegatronModule):

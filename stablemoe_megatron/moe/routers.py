@@ -125,8 +125,9 @@ class RouterBase(MegatronModule):
     @property
     def routes_rowwise(self) -> bool:
         """Whether this router's training decision for a token depends on nothing but that token's
-        row and id, and its order only breaks capacity ties, so that a local token shuffle need
-        not move the rows (:attr:`RouterInputs.row_order`): frozen top-1 routing, the hash layer."""
+        row and id, its losses are sums over tokens, and the order only breaks capacity ties, so
+        that a local token shuffle need not move the rows (:attr:`RouterInputs.row_order`): top-1
+        greedy routing (StableMoE stage 1, Switch), frozen top-1 routing, the hash layer."""
         return False
 
     def _mark_replicated(self, module_or_param) -> None:
@@ -295,7 +296,8 @@ class TokenChoiceRouter(RouterBase):
     # -- distilled router ----------------------------------------------------------------------
     @property
     def routes_rowwise(self) -> bool:
-        return self.frozen and self.topk == 1 and self.algorithm.one_pair_per_token
+        """Top-1 and frozen (a table of the token id), or a tokenwise algorithm (greedy routing)."""
+        return self.topk == 1 and self.algorithm.one_pair_per_token and (self.frozen or self.algorithm.tokenwise)
 
     @property
     def stage(self) -> int:

@@ -99,8 +99,33 @@ def build_optimizer(run: RunConfig, ddp_model, global_batch: int):
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
+    use_fused_adam_on_cpu(optimizer)
     ddp_model.config.grad_scale_func = optimizer.scale_loss
     return optimizer, build_scheduler(run, optimizer, global_batch)
+
+
+def use_fused_adam_on_cpu(optimizer) -> int:
+    """Switch the torch Adam(W) inside megatron's optimizer to torch's fused kernel where all its
+    parameters are on the CPU; returns how many optimizers were switched.
+
+    Without transformer-engine or apex, megatron-core builds ``torch.optim.AdamW`` with torch's
+    defaults, which on the CPU is the per-tensor loop (``foreach`` is a CUDA default). The fused CPU
+    kernel computes the same update (to rounding) about 4x faster: 14.6 M parameters took 6.4 ms
+    instead of 25.5 ms on 2 cores, and an MoE model holds several times the parameters of a dense
+    model of equal FLOPs. GPU parameters keep what megatron chose (fused TE / apex Adam, or torch's
+    foreach). Set before the first step; a checkpoint stores the groups' ``fused`` flag with them.
+    """
+    switched = 0
+    for part in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if params and all(p.device.type == "cpu" and p.is_floating_point() for p in params):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
+            switched += 1
+    return switched
 
 
 def loss_scalers(optimizer) -> list:
