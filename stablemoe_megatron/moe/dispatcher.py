@@ -43,7 +43,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from stablemoe_megatron.routing.common import rowwise_dot, tokens_per_expert
+from stablemoe_megatron.routing.common import tokens_per_expert
 
 
 @dataclass
@@ -129,7 +129,7 @@ class _GatedCombine(torch.autograd.Function):
         grad_gates = None
         if ctx.needs_input_grad[1]:
             dtype = torch.promote_types(gates.dtype, torch.float32)
-            per_pair = rowwise_dot(sorted_grad.to(dtype), y.to(dtype))
+            per_pair = torch.linalg.vecdot(sorted_grad.to(dtype), y.to(dtype))
             grad_gates = torch.zeros_like(gates).index_copy_(0, rows, per_pair.to(gates.dtype))
         grad_y = None
         if ctx.needs_input_grad[0]:

@@ -362,7 +362,8 @@ class TokenChoiceRouter(RouterBase):
                 aux_loss = aux_loss + self._distill(inputs, teacher, metrics)
         one_pair_per_token = self.algorithm.one_pair_per_token and expert_ids.dim() == 1
         token_index, expert_ids, gates = choice_pairs(expert_ids, gates)
-        if self.moe.effective_capacity_factor is not None and self.training:
+        capacity = self.moe.effective_capacity_factor
+        if capacity is not None and capacity < self.num_experts and self.training:  # c >= N drops nothing
             keep = self._capacity_keep_in_order(expert_ids, gates, inputs.row_order)
             expert_ids = torch.where(keep, expert_ids, self.num_experts)  # N: dropped (no boolean mask)
             host_counts = self._kept_host_counts(host_counts, expert_ids.shape[0])

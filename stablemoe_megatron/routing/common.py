@@ -121,17 +121,3 @@ def choice_pairs(expert_ids: torch.Tensor, gates: torch.Tensor):
     token_index = torch.arange(expert_ids.numel(), device=expert_ids.device) // k
     return token_index, expert_ids.reshape(-1), gates.reshape(-1)
 
-
-def row_chunks(num_rows: int, width: int, elements: int = 1 << 18):
-    """Row slices of at most ``elements`` entries of a ``[num_rows, width]`` tensor (>= 1 row each)."""
-    step = max(1, elements // max(width, 1))
-    return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
-
-
-def rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` for ``a, b [T, d]``: ``[T]``, a chunk of rows at a time, so the product
-    never takes more than a megabyte (no ``[T, d]`` temporary at a memory peak)."""
-    out = a.new_empty(a.shape[0])
-    for rows in row_chunks(a.shape[0], a.shape[-1]):
-        torch.linalg.vecdot(a[rows], b[rows], out=out[rows])
-    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import compute_dtype, counting_set, row_chunks
+from .common import compute_dtype, counting_set
 from .common import tokens_per_expert  # re-exported; shadowed by balance_loss's argument
 from .registry import RoutingAlgorithm, register_routing
 
@@ -78,10 +78,7 @@ class _ChosenDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, centroids, ids):
         ctx.save_for_backward(hidden, centroids, ids)
-        out = hidden.new_empty(hidden.shape[0])
-        for rows in row_chunks(hidden.shape[0], hidden.shape[-1]):  # no [T, d] temporary
-            torch.linalg.vecdot(hidden[rows], centroids.index_select(0, ids[rows]), out=out[rows])
-        return out
+        return torch.linalg.vecdot(hidden, centroids.index_select(0, ids))
 
     @staticmethod
     def backward(ctx, grad):
@@ -91,9 +88,7 @@ class _ChosenDot(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = centroids.index_select(0, ids).mul_(weight)
         if ctx.needs_input_grad[1]:
-            grad_centroids = torch.zeros_like(centroids)
-            for rows in row_chunks(hidden.shape[0], hidden.shape[-1]):
-                grad_centroids.index_add_(0, ids[rows], hidden[rows] * weight[rows])
+            grad_centroids = torch.zeros_like(centroids).index_add_(0, ids, hidden * weight)
         return grad_hidden, grad_centroids, None
 
 
