@@ -363,10 +363,14 @@ class TokenChoiceRouter(RouterBase):
         one_pair_per_token = self.algorithm.one_pair_per_token and expert_ids.dim() == 1
         token_index, expert_ids, gates = choice_pairs(expert_ids, gates)
         capacity = self.moe.effective_capacity_factor
-        if capacity is not None and capacity < self.num_experts and self.training:  # c >= N drops nothing
+        kept_counts = self._kept_host_counts(host_counts, expert_ids.shape[0]) if self.training else None
+        if kept_counts is not None and torch.equal(kept_counts, host_counts):  # nothing overflows: no ranking
+            metrics["dropped_fraction"] = gates.new_zeros((), dtype=torch.float32)
+            metrics["mean_gate"] = _mean_gate(gates)
+        elif capacity is not None and capacity < self.num_experts and self.training:  # c >= N drops nothing
             keep = self._capacity_keep_in_order(expert_ids, gates, inputs.row_order)
             expert_ids = torch.where(keep, expert_ids, self.num_experts)  # N: dropped (no boolean mask)
-            host_counts = self._kept_host_counts(host_counts, expert_ids.shape[0])
+            host_counts = kept_counts
             metrics["dropped_fraction"] = 1.0 - keep.float().mean()
             metrics["mean_gate"] = _mean_gate(gates, keep)
         else:
@@ -401,8 +405,11 @@ class TokenChoiceRouter(RouterBase):
     def _kept_host_counts(self, host_counts: Optional[torch.Tensor], num_pairs: int) -> Optional[torch.Tensor]:
         """Host counts [N] of the pairs kept by the capacity, from the host counts [N] of all pairs:
         ``min(n_i, capacity)`` when the counting set is these local pairs (no SP shards, no DP
-        counting); otherwise None (which pairs stay depends on gates elsewhere: device counts)."""
-        if host_counts is None or self._sequence_split() or self._over_data_parallel():
+        counting); otherwise None (which pairs stay depends on gates elsewhere: device counts), and
+        None without a capacity (or one of c >= N, which drops nothing)."""
+        factor = self.moe.effective_capacity_factor
+        if host_counts is None or factor is None or factor >= self.num_experts or self._sequence_split() \
+                or self._over_data_parallel():
             return None
         capacity = expert_capacity_per_expert(num_pairs, self.num_experts, self.moe.effective_capacity_factor)
         return host_counts.clamp(max=capacity)
