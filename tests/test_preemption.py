@@ -82,15 +82,18 @@ def test_sigusr1_to_the_whole_step_under_torchrun(data, tmp_path):
 
     slurm/launch_node.sh starts torchrun with USR1 ignored (so the agent survives and the workers
     inherit 'ignore' until the trainer installs its handler), and records the signal for requeueing.
+    A periodic save comes first: it starts megatron's checkpoint-writer process, which the signal
+    reaches too and must survive (it used to die, and the preemption save failed with it).
     """
     save, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     argv = tiny_flags(data, **{"--train-iters": 100000, "--save": save, "--metrics-file": metrics,
-                               "--expert-model-parallel-size": 2})
+                               "--expert-model-parallel-size": 2, "--save-interval": 2})
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(free_port()), "-m", "stablemoe_megatron.train", *argv]
     env = dict(os.environ, PYTHONPATH=str(REPO), PREEMPT_MARKER=str(tmp_path / "preempted"), OMP_NUM_THREADS="1")
     proc = _start(["bash", str(REPO / "slurm" / "launch_node.sh"), *torchrun], env, start_new_session=True)
     _wait_for_iteration(metrics, proc, 3)
+    assert (save / "iter_0000002").is_dir()  # the periodic save ran
     os.killpg(proc.pid, signal.SIGUSR1)  # every process of the "step", like slurmstepd with proctrack/cgroup
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output[-3000:]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -137,6 +138,7 @@ def save_checkpoint(root, train_state: TrainState, model, optimizer, scheduler, 
 
     def write_payload(directory: Path) -> None:
         state = _sharded_state(model, optimizer, scheduler, side_optimizer, True, False, True)
+        _start_writer_manager_shielded()
         dist_checkpointing.save(state, str(directory), content_metadata=dict(OPTIM_METADATA))
 
     iteration = train_state.iteration
@@ -148,6 +150,30 @@ def save_checkpoint(root, train_state: TrainState, model, optimizer, scheduler, 
         prune_iterations(root, keep_last, iteration)
     barrier()
     return final
+
+
+def _start_writer_manager_shielded() -> None:
+    """Start megatron's checkpoint-writer Manager (one spawned process, kept for the whole run) with
+    SIGUSR1 and SIGTERM blocked. Slurm signals every process of a job step (the time-limit SIGUSR1,
+    scancel's SIGTERM), torchrun its workers' process groups; a spawned process has default
+    dispositions, so either signal would kill the Manager and the save it triggers would fail (Broken
+    pipe / EOFError). The mask survives exec, so the Manager never acts on them; this process gets any
+    that arrived meanwhile when the mask is restored. multiprocessing's resource tracker, spawned
+    first, unblocks SIGINT/SIGTERM after its own start (it ignores them), hence the second block."""
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", True) is not None:
+        return
+    stop = {signal.SIGUSR1, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _save_failure(root, tmp: Path, exc: BaseException) -> str:
