@@ -85,10 +85,10 @@ class _ChosenDot(torch.autograd.Function):
         hidden, centroids, ids = ctx.saved_tensors
         weight = grad.unsqueeze(-1)
         grad_hidden = grad_centroids = None
+        if ctx.needs_input_grad[1]:  # first: its [T, d] temporary is freed before grad_hidden exists
+            grad_centroids = torch.zeros_like(centroids).index_add_(0, ids, hidden * weight)
         if ctx.needs_input_grad[0]:
             grad_hidden = centroids.index_select(0, ids).mul_(weight)
-        if ctx.needs_input_grad[1]:
-            grad_centroids = torch.zeros_like(centroids).index_add_(0, ids, hidden * weight)
         return grad_hidden, grad_centroids, None
 
 
