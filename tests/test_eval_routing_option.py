@@ -11,7 +11,7 @@ from test_recipe_options import HIDDEN, built_with_seed
 
 def _routes(eval_routing, router):
     """Experts chosen in training and in evaluation mode for the same random inputs (stage 1)."""
-    from stablemoe_megatron.moe.routers import RouterInputs
+    from stablemoe_megatron.moe.router_base import RouterInputs
 
     model = built_with_seed(3, router=router, distill="wordemb", eval_routing=eval_routing)
     layer_router = model.moe_layers[0].router

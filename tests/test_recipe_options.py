@@ -190,7 +190,7 @@ def test_unit_distilled_embedding_reaches_the_model():
 # ----------------------------------------------------------------------------------------------
 def _teacher_case(teacher):
     """Call a BASE router (training mode) on random inputs; return what the expectations need."""
-    from stablemoe_megatron.moe.routers import RouterInputs
+    from stablemoe_megatron.moe.router_base import RouterInputs
 
     model = built_with_seed(6, router="base", distill="wordemb", distill_teacher=teacher)
     model.train()

@@ -147,7 +147,7 @@ def test_in_memory_history_and_wide_expert_ids():
 
 def test_routed_expert_is_the_highest_gate_or_none():
     from stablemoe_megatron.training.probe import routed_expert_ids
-    from stablemoe_megatron.moe.routers import RoutingDecision
+    from stablemoe_megatron.moe.router_base import RoutingDecision
 
     # expert choice: token 0 picked by experts 1 (0.2) and 2 (0.5), token 1 by nobody, token 2 by expert 0
     decision = RoutingDecision(torch.tensor([0, 0, 2]), torch.tensor([1, 2, 0]), torch.tensor([0.2, 0.5, 0.9]),

@@ -39,7 +39,7 @@ from stablemoe_megatron import routing
 from stablemoe_megatron.moe.config import MoEConfig
 from stablemoe_megatron.moe.dispatcher import AllToAllDispatcher
 from stablemoe_megatron.moe.experts import ExpertStack
-from stablemoe_megatron.moe.routers import RouterInputs, RoutingDecision
+from stablemoe_megatron.moe.router_base import RouterInputs, RoutingDecision
 from stablemoe_megatron.moe.shuffle import TokenShuffle
 
 SCALAR_METRICS = ("balance_loss", "aux_loss", "z_loss", "distill_loss", "distill_agreement",
