@@ -95,7 +95,7 @@ def _shuffle_vs_plain(router, options):
     for name, model in (("plain", plain), ("shuffled", shuffled)):
         output, x_grad, inputs, decision = run_layer(model, tokens, hidden, cotangent)
         reduce_grads_like_megatron(model)
-        # the rows in the order they were routed (one DP rank, tokenwise routing: the shuffle's order)
+        # the rows in the order they were routed (one DP rank: the shuffle's order, handed to the router)
         routed = slice(None) if inputs.row_order is None else inputs.row_order
         out[name] = dict(output=output, x_grad=x_grad, grads=grads_of(model), routed_ids=inputs.token_ids[routed],
                          experts=decision.expert_index[routed].clone())
@@ -153,43 +153,55 @@ def test_token_shuffle_returns_every_output_to_its_token(name):
     assert expert_of_id(results, "plain") == expert_of_id(results, "shuffled")  # greedy: per token
 
 
-def _rowwise_shuffle(case, mode):
-    """StableMoE stage 1 or 2 (capacity 0.5), Switch (capacity 0.5) or hash routing of tokens whose
-    ids repeat with equal hidden rows, so equal gates tie for capacity and the shuffle order decides
-    which overflow; ``mode``: rows (the shuffle permutes the rows), order (the default for row-wise
-    routing with one data-parallel rank: the router and dispatcher take the shuffle's order, the
-    rows stay), none."""
+def _shuffle_order(case, mode):
+    """One MoE layer call, ``mode``: rows (the shuffle permutes the rows), order (the default with
+    one data-parallel rank: the router decides on its scores or ids in the shuffle's order and the
+    dispatcher takes that order, the rows stay), none (no shuffle). StableMoE stage 1 or 2 and
+    Switch (capacity 0.5) and hash route tokens whose ids repeat with equal hidden rows, so equal
+    gates tie for capacity and the shuffle order decides which overflow; BASE and Expert Choice
+    (whole-batch decisions) route random rows."""
     import contextlib
     from unittest import mock
 
     reset_aux_scale()
     torch.manual_seed(3)
-    router = case.split("-")[0]
-    capacity = None if router == "hash" else 0.5
+    router = case.split("-stage")[0]
+    capacity = 0.5 if router in ("stablemoe", "switch") else None
     model = build(router, capacity=capacity, token_shuffle=mode != "none", expert_output_init="normal")
     if case == "stablemoe-stage2":
         model.enter_stage_two()
     layer = model.moe_layers[0]
-    tokens = (torch.arange(T_LOCAL) % 6).reshape(BATCH, SEQ)
     base, cotangent = rank_inputs(0)
-    hidden = base[0, 0][None, None, :] * (1 + tokens.t().unsqueeze(-1).float())  # [S, B, h], a row per id
-    rowwise = mock.patch.object(type(layer.router), "routes_rowwise", property(lambda self: False)) \
+    if router in ("base", "expert-choice"):
+        tokens, hidden = rank_tokens(0), base
+    else:
+        tokens = (torch.arange(T_LOCAL) % 6).reshape(BATCH, SEQ)
+        hidden = base[0, 0][None, None, :] * (1 + tokens.t().unsqueeze(-1).float())  # [S, B, h], a row per id
+    moved = mock.patch.object(type(layer.router), "takes_shuffle_order", property(lambda self: False)) \
         if mode == "rows" else contextlib.nullcontext()
-    with rowwise:
-        assert layer.router.routes_rowwise == (mode != "rows")
+    with moved:
+        assert layer.router.takes_shuffle_order == (mode != "rows")
         output, x_grad, _, decision = run_layer(model, tokens, hidden, cotangent)
     zero_rows = (output.reshape(T_LOCAL, -1) == 0).all(-1)
-    return dict(output=output, x_grad=x_grad, grads=grads_of(model), dropped=zero_rows,
+    token_rows = decision.token_index
+    if mode == "rows":  # the decision's rows are the shuffled ones: back to token rows
+        key = layer._context.shuffle_keys[id(layer)]
+        token_rows = layer.shuffle.permutation(T_LOCAL, "cpu", key).index_select(0, token_rows)
+    routed = torch.zeros(T_LOCAL, EXPERTS + 1, dtype=torch.bool)
+    routed[token_rows, decision.expert_index] = True
+    return dict(output=output, x_grad=x_grad, grads=grads_of(model), dropped=zero_rows, routed=routed[:, :EXPERTS],
                 shuffle_calls=layer.shuffle.calls if layer.shuffle is not None else 0)
 
 
-@pytest.mark.parametrize("case", ["stablemoe-stage2", "hash", "stablemoe-stage1", "switch"])
-def test_row_wise_routing_takes_the_shuffle_order_without_moving_rows(case):
-    """The shuffle's order given to the router and dispatcher equals permuting the rows: same
-    dropped tokens, outputs and input gradients (bit for bit for token-id routing; the learned
-    routers' losses sum in another order), parameter grads to rounding."""
-    rows, order, none = (run_distributed(_rowwise_shuffle, world_size=1, args=(case, mode))[0]
+@pytest.mark.parametrize("case", ["stablemoe-stage2", "hash", "stablemoe-stage1", "switch", "base", "expert-choice"])
+def test_the_local_shuffle_passes_its_order_instead_of_moving_rows(case):
+    """The shuffle's order given to the router and dispatcher equals permuting the rows: the same
+    (token, expert) pairs and dropped tokens, outputs and input gradients (bit for bit for token-id
+    routing; learned routers multiply the rows by their weight in one GEMM instead of another),
+    parameter grads to rounding."""
+    rows, order, none = (run_distributed(_shuffle_order, world_size=1, args=(case, mode))[0]
                          for mode in ("rows", "order", "none"))
+    assert torch.equal(rows["routed"], order["routed"]) and torch.equal(rows["dropped"], order["dropped"])
     if case in ("stablemoe-stage2", "hash"):
         assert torch.equal(rows["output"], order["output"]) and torch.equal(rows["x_grad"], order["x_grad"])
     assert (rows["output"] - order["output"]).abs().max().item() <= 1e-6
@@ -197,9 +209,9 @@ def test_row_wise_routing_takes_the_shuffle_order_without_moving_rows(case):
     assert rows["grads"].keys() == order["grads"].keys()
     assert max((rows["grads"][k] - order["grads"][k]).abs().max().item() for k in rows["grads"]) <= 1e-6
     assert rows["shuffle_calls"] == order["shuffle_calls"] == 1
-    if case != "hash":  # ties broken by the shuffle order: a different set overflows without it
-        assert 0 < int(order["dropped"].sum()) < T_LOCAL
-        assert torch.equal(rows["dropped"], order["dropped"]) and not torch.equal(order["dropped"], none["dropped"])
+    if case in ("stablemoe-stage2", "stablemoe-stage1", "switch"):  # ties broken by the shuffle order:
+        assert 0 < int(order["dropped"].sum()) < T_LOCAL  # a different set overflows without it
+        assert not torch.equal(order["dropped"], none["dropped"])
 
 
 def _whole_model(options):

@@ -225,13 +225,15 @@ class StableMoELayer(BaseMoELayer):
         of the call that ``context`` recorded (same ids and shuffle; no side effects).
 
         With ``--moe-token-shuffle``, in training, routing and the experts run on the rows this
-        rank receives from the shuffle (:mod:`.shuffle`), whose outputs are sent back after.
+        rank receives from the shuffle (:mod:`.shuffle`), whose outputs are sent back after; with one
+        data-parallel rank the rows stay and the router (deciding on its scores or ids in the
+        shuffle's order) and the dispatcher take the order instead (same expert inputs, no copy).
         """
         inputs = self.router_inputs(hidden_states, context, replay)
         shuffled = None
         if self.shuffle is not None and self.training:
             key = self._shuffle_key(context, replay)
-            if self.shuffle.world == 1 and self.router.routes_rowwise:  # the order only, rows stay
+            if self.shuffle.world == 1 and self.router.takes_shuffle_order:  # the order only, rows stay
                 drawn = self.shuffle.draw(inputs.hidden.shape[0], inputs.hidden.device, key)
                 inputs.row_order, context.shuffle_keys[id(self)] = drawn.order, drawn.key
             else:
@@ -242,7 +244,7 @@ class StableMoELayer(BaseMoELayer):
         decision = self.router(inputs)
         expert_input, state = self.dispatcher.dispatch(inputs.hidden, decision.token_index, decision.expert_index,
                                                        decision.host_tokens_per_expert, decision.one_pair_per_token,
-                                                       inputs.row_order)
+                                                       inputs.row_order if decision.one_pair_per_token else None)
         expert_output = self.experts(expert_input, state.tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output, state, decision.gates)
         if shuffled is not None:

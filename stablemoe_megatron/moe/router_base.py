@@ -90,11 +90,11 @@ class RouterBase(MegatronModule):
         self.layer_number = layer_number
 
     @property
-    def routes_rowwise(self) -> bool:
-        """Whether this router's training decision for a token depends on nothing but that token's
-        row and id, its losses are sums over tokens, and the order only breaks capacity ties, so
-        that a local token shuffle need not move the rows (:attr:`RouterInputs.row_order`): top-1
-        greedy routing (StableMoE stage 1, Switch), frozen top-1 routing, the hash layer."""
+    def takes_shuffle_order(self) -> bool:
+        """Whether a local token shuffle (one data-parallel rank) may hand this router its order
+        (:attr:`RouterInputs.row_order`) instead of moving the rows: the router then decides on its
+        [T, N] scores (or the token ids) taken in that order and returns the decision in token
+        order, which is the decision on moved rows, without a [T, d] copy."""
         return False
 
     def _mark_replicated(self, module_or_param) -> None:

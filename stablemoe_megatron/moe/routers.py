@@ -103,9 +103,9 @@ class TokenChoiceRouter(RouterBase):
 
     # -- distilled router ----------------------------------------------------------------------
     @property
-    def routes_rowwise(self) -> bool:
-        """Top-1 and frozen (a table of the token id), or a tokenwise algorithm (greedy routing)."""
-        return self.topk == 1 and self.algorithm.one_pair_per_token and (self.frozen or self.algorithm.tokenwise)
+    def takes_shuffle_order(self) -> bool:
+        """Top-1 routing (one pair per token): the scores are permuted, not the rows."""
+        return self.topk == 1 and self.algorithm.one_pair_per_token
 
     @property
     def stage(self) -> int:
@@ -164,8 +164,12 @@ class TokenChoiceRouter(RouterBase):
             aux_loss, metrics = gates.new_zeros((), dtype=torch.float32), {}
         else:
             scores = self.scores(inputs.hidden)
+            if inputs.row_order is not None:  # decide on the scores in the shuffle's order
+                scores = scores.index_select(0, inputs.row_order)
             expert_ids, gates, aux_loss, metrics = self.assign(scores)
             teacher = self.distillation_teacher(scores, expert_ids)
+            if inputs.row_order is not None:  # ... and give the decision back in token order
+                expert_ids, gates, teacher = _in_token_order(inputs.row_order, expert_ids, gates, teacher)
             if self.distilled is not None:
                 aux_loss = aux_loss + self._distill(inputs, teacher, metrics)
         one_pair_per_token = self.algorithm.one_pair_per_token and expert_ids.dim() == 1
@@ -247,6 +251,14 @@ class TokenChoiceRouter(RouterBase):
         return torch.empty_like(keep).scatter_(0, row_order, keep)
 
 
+def _in_token_order(row_order: torch.Tensor, *tensors: torch.Tensor):
+    """Tensors [T, ...] indexed by position in ``row_order`` [T], re-indexed by token row
+    (``out[row_order[i]] = t[i]``; differentiable)."""
+    inverse = torch.empty_like(row_order).scatter_(
+        0, row_order, torch.arange(row_order.numel(), device=row_order.device))
+    return tuple(t.index_select(0, inverse) for t in tensors)
+
+
 class HashRouter(RouterBase):
     """Hash layer: a fixed token-id -> expert table, gate 1, no routing parameters.
 
@@ -262,7 +274,7 @@ class HashRouter(RouterBase):
         self._host_table = table.clone()
 
     @property
-    def routes_rowwise(self) -> bool:
+    def takes_shuffle_order(self) -> bool:
         return True
 
     def set_table(self, table: torch.Tensor) -> None:
@@ -312,19 +324,26 @@ class ExpertChoiceRouter(RouterBase):
         """Router logits [T, N] of hidden [T, d]."""
         return self.algorithm.scores(hidden, self.weight)
 
+    @property
+    def takes_shuffle_order(self) -> bool:
+        return True
+
     def forward(self, inputs: RouterInputs) -> RoutingDecision:
         logits = self.scores(inputs.hidden)
         probs = routing.router_probs(logits)
         num_local = probs.shape[0]
         aux, metrics = logits.new_zeros(()), {}
         if self.training:
-            full = self._gather_over_sequence(probs.detach())
+            ordered = probs if inputs.row_order is None else probs.index_select(0, inputs.row_order)
+            full = self._gather_over_sequence(ordered.detach())
             k = routing.expert_capacity(full.shape[0], self.num_experts, self.capacity_factor)
             token_index, expert_index, _ = self.algorithm.train_routing(full, k)
             if self._sequence_split():  # keep this rank's rows (a boolean mask: a device sync)
                 rows = self._local_rows(num_local)
                 local = (token_index >= rows.start) & (token_index < rows.stop)
                 token_index, expert_index = token_index[local] - rows.start, expert_index[local]
+            if inputs.row_order is not None:  # positions in the shuffle's order -> token rows
+                token_index = inputs.row_order.index_select(0, token_index)
             if not inputs.replay:  # a recomputed call must not count twice
                 self._accumulate_kth(routing.kth_largest_probs(full, k))
             if self.loss_coeff("z_loss"):

@@ -67,10 +67,6 @@ class RoutingAlgorithm:
             dropping); False for Expert Choice (a token gets 0..N experts). Top-k routing (k > 1)
             gives k pairs per token whatever this says.
         uses_token_ids: the assignment is a function of the token ids (the layer must get them).
-        tokenwise: in training at k = 1, a token's expert and gate depend on its own scores only
-            and the losses are sums over tokens, so the order of the tokens changes nothing but
-            which of equal gates overflow a capacity (greedy routing; not BASE's balanced
-            assignment): a local token shuffle can then pass its order instead of moving rows.
         distillable: its top-1 choice can be distilled into a token-id router and frozen (its
             top-k choice too, when it ``supports_topk``).
         supports_topk: ``--moe-router-topk`` k > 1 is accepted: ``train_routing`` reads
@@ -114,7 +110,6 @@ class RoutingAlgorithm:
     learned: bool
     one_pair_per_token: bool
     uses_token_ids: bool
-    tokenwise: bool = False
     distillable: bool = False
     supports_topk: bool = False
     default_distill_router: Optional[str] = None

@@ -163,7 +163,6 @@ ALGORITHM = register_routing(RoutingAlgorithm(
     gate="sigmoid",
     learned=True,
     one_pair_per_token=True,
-    tokenwise=True,
     uses_token_ids=False,
     distillable=True,
     default_distill_router="wordemb",

@@ -200,7 +200,6 @@ ALGORITHM = register_routing(RoutingAlgorithm(
     gate="softmax",
     learned=True,
     one_pair_per_token=True,
-    tokenwise=True,
     uses_token_ids=False,
     distillable=True,
     supports_topk=True,
