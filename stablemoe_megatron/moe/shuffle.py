@@ -123,10 +123,11 @@ class TokenShuffle:
 
     def draw(self, num_tokens: int, device: torch.device, key: Optional[int] = None) -> ShuffleState:
         """The next call's permutation of ``num_tokens`` rows (``key``: an earlier call's again),
-        without moving any row: :meth:`shuffle` applies it; with one data-parallel rank and a
-        router that decides row by row, the layer hands it to the router and dispatcher instead
-        (:attr:`~stablemoe_megatron.moe.routers.RouterInputs.row_order`), which gives the same
-        expert inputs and outputs without permuting the rows twice."""
+        without moving any row: :meth:`shuffle` applies it; with one data-parallel rank the layer
+        hands it to the router and dispatcher instead
+        (:attr:`~stablemoe_megatron.moe.router_base.RouterInputs.row_order`): the router decides on
+        its scores or ids in this order, which gives the same decision and expert inputs without
+        permuting the rows twice."""
         key = self.next_key() if key is None else key
         host_order = self._host_permutation(num_tokens, key)
         order = host_order.to(device, non_blocking=True)
