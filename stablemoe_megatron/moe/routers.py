@@ -40,6 +40,7 @@ import torch
 
 from stablemoe_megatron import routing
 from stablemoe_megatron.moe.config import MoEConfig
+from stablemoe_megatron.moe.dispatcher import _inverse_permutation
 from stablemoe_megatron.moe.router_base import RouterBase, RouterInputs, RoutingDecision, _mean_gate
 from stablemoe_megatron.routing.capacity import capacity_keep_mask, expert_capacity_per_expert
 from stablemoe_megatron.routing.common import choice_pairs
@@ -254,8 +255,7 @@ class TokenChoiceRouter(RouterBase):
 def _in_token_order(row_order: torch.Tensor, *tensors: torch.Tensor):
     """Tensors [T, ...] indexed by position in ``row_order`` [T], re-indexed by token row
     (``out[row_order[i]] = t[i]``; differentiable)."""
-    inverse = torch.empty_like(row_order).scatter_(
-        0, row_order, torch.arange(row_order.numel(), device=row_order.device))
+    inverse = _inverse_permutation(row_order)
     return tuple(t.index_select(0, inverse) for t in tensors)
 
 
