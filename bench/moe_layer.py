@@ -140,10 +140,11 @@ def _configs(sizes: dict, router: str):
     name = chosen.router
     # a router without one expert per token (Expert Choice) gets capacity factor 1: on average one
     # expert per token, the expert FLOPs of top-1
-    capacity = None if get_routing(name).one_pair_per_token else 1.0
-    extra = dict(expert_capacity_factor=float(sizes["experts"]), token_shuffle=False) if chosen.dropless else {}
+    options = dict(expert_capacity_factor=None if get_routing(name).one_pair_per_token else 1.0)
+    if chosen.dropless:
+        options.update(expert_capacity_factor=float(sizes["experts"]), token_shuffle=False)
     moe = MoEConfig(num_experts=sizes["experts"], router=name, layer_freq=1, sublayers_per_expert=1,
-                    aux_loss_coeff=AUX_LOSS_COEFF, **dict(dict(expert_capacity_factor=capacity), **extra))
+                    aux_loss_coeff=AUX_LOSS_COEFF, **options)
     model = ModelConfig(num_layers=2, hidden_size=sizes["hidden"], ffn_hidden_size=sizes["ffn"],
                         num_attention_heads=max(1, sizes["hidden"] // 64), seq_length=sizes["seq"],
                         hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False)

@@ -186,7 +186,7 @@ def _shuffle_order(case, mode):
     token_rows = decision.token_index
     if mode == "rows":  # the decision's rows are the shuffled ones: back to token rows
         key = layer._context.shuffle_keys[id(layer)]
-        token_rows = layer.shuffle.permutation(T_LOCAL, "cpu", key).index_select(0, token_rows)
+        token_rows = layer.shuffle.draw(T_LOCAL, "cpu", key).order.index_select(0, token_rows)
     routed = torch.zeros(T_LOCAL, EXPERTS + 1, dtype=torch.bool)
     routed[token_rows, decision.expert_index] = True
     return dict(output=output, x_grad=x_grad, grads=grads_of(model), dropped=zero_rows, routed=routed[:, :EXPERTS],
@@ -266,13 +266,13 @@ def test_token_shuffle_permutations_are_seeded_per_rank_and_call():
     from stablemoe_megatron.moe.shuffle import TokenShuffle
 
     first, again = TokenShuffle(None, 7, 2), TokenShuffle(None, 7, 2)
-    p0, p1 = first.permutation(64, "cpu"), first.permutation(64, "cpu")
-    assert torch.equal(p0, again.permutation(64, "cpu"))  # reproducible from the seed
+    p0, p1 = first.draw(64, "cpu").order, first.draw(64, "cpu").order
+    assert torch.equal(p0, again.draw(64, "cpu").order)  # reproducible from the seed
     assert not torch.equal(p0, p1)  # a new permutation per call
     other_rank = TokenShuffle(None, 7, 2)
     other_rank.rank = 1
-    assert not torch.equal(p0, other_rank.permutation(64, "cpu"))
-    assert not torch.equal(p0, TokenShuffle(None, 8, 2).permutation(64, "cpu"))
+    assert not torch.equal(p0, other_rank.draw(64, "cpu").order)
+    assert not torch.equal(p0, TokenShuffle(None, 8, 2).draw(64, "cpu").order)
     # one rank: a local permutation, undone exactly, gradients through both ways
     hidden = torch.randn(64, 8, requires_grad=True)
     ids = torch.arange(64)

@@ -80,21 +80,6 @@ class TokenShuffle:
         self.calls += 1
         return key
 
-    def permutation(self, num_tokens: int, device: torch.device, key: Optional[int] = None) -> torch.Tensor:
-        """The next random permutation of ``num_tokens`` rows: LongTensor [T] on ``device``; with
-        ``key`` (of an earlier call), that call's permutation again, without advancing the counter.
-
-        Drawn on the host (a CPU generator, the same permutation on every device) and copied to the
-        device: the host copy lets token-id routing keep counting experts on the host
-        (:meth:`shuffle_host_ids`).
-        """
-        return self._host_permutation(num_tokens, key).to(device)
-
-    def _host_permutation(self, num_tokens: int, key: Optional[int]) -> torch.Tensor:
-        key = self.next_key() if key is None else key
-        self._generator.manual_seed(key)
-        return torch.randperm(num_tokens, generator=self._generator)
-
     def shuffle(self, hidden: torch.Tensor, token_ids: torch.Tensor,
                 key: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, ShuffleState]:
         """hidden [T, h] and token_ids [T] of this rank -> the received rows [T, h], their ids [T]
@@ -127,9 +112,15 @@ class TokenShuffle:
         hands it to the router and dispatcher instead
         (:attr:`~stablemoe_megatron.moe.router_base.RouterInputs.row_order`): the router decides on
         its scores or ids in this order, which gives the same decision and expert inputs without
-        permuting the rows twice."""
+        permuting the rows twice.
+
+        Drawn on the host (a CPU generator: the same permutation on every device) and copied to the
+        device; the host copy lets token-id routing keep counting experts on the host
+        (:meth:`shuffle_host_ids`). Advances the call counter unless ``key`` is given.
+        """
         key = self.next_key() if key is None else key
-        host_order = self._host_permutation(num_tokens, key)
+        self._generator.manual_seed(key)
+        host_order = torch.randperm(num_tokens, generator=self._generator)
         order = host_order.to(device, non_blocking=True)
         return ShuffleState(order, _inverse_permutation(order), key, host_order)
 
